@@ -1,9 +1,22 @@
 //! ims-proxy: a streaming authenticating reverse proxy for Adobe's Workfront,
 //! Workfront Fusion and Workflow Builder APIs.
 
+pub mod access;
+pub mod admin;
+pub mod body;
+pub mod check;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod ims;
+pub mod logging;
 pub mod metrics;
+pub mod proxy;
+pub mod rewrite;
+pub mod route;
 pub mod secret;
+pub mod server;
+pub mod sim;
+pub mod state;
 pub mod token;
+pub mod upstream;

@@ -98,7 +98,7 @@ pub struct ImsConfig {
 }
 
 /// `[outbound]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundConfig {
     /// Extra trusted roots (PEM).
     pub ca_file: Option<PathBuf>,

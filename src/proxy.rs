@@ -1,0 +1,656 @@
+//! The hot path, in the order a request lives it:
+//! accept → route → admit → rewrite → forward → stream back → record.
+
+use crate::access::{form_candidates, header_and_query_candidates, Client, Refusal};
+use crate::body::{full, streamed, Counted, ProxyBody};
+use crate::error::ProxyError;
+use crate::metrics::{status_label, Metrics};
+use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
+use crate::route::Route;
+use crate::state::{CredentialRuntime, Shared, Snapshot};
+use crate::token::Token;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Limited};
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_GW_IMS_ORG_ID: HeaderName = HeaderName::from_static("x-gw-ims-org-id");
+static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 ims-proxy");
+
+/// What a request knows about its connection.
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Exchanges in flight on this connection, for the idle timeout.
+    pub active: AtomicUsize,
+    /// Milliseconds since `epoch` when the last exchange ended.
+    pub last_active_ms: AtomicU64,
+    /// Reference point for `last_active_ms`.
+    pub epoch: Instant,
+}
+
+impl ConnInfo {
+    /// A new connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        ConnInfo {
+            peer,
+            active: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// How long the connection has had no exchange in flight (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::SeqCst));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Marks an exchange in flight on its connection until dropped (with the response body).
+struct ExchangeGuard(Arc<ConnInfo>);
+
+impl ExchangeGuard {
+    fn new(conn: &Arc<ConnInfo>) -> Self {
+        conn.active.fetch_add(1, Ordering::SeqCst);
+        ExchangeGuard(conn.clone())
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        let ms = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_active_ms.store(ms, Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    fn new(g: &IntGauge) -> Self {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The per-request context handed along the journey.
+pub struct RequestCtx {
+    /// Request id (the client's `x-request-id` if sane, else a new one).
+    pub request_id: HeaderValue,
+    /// When the request head arrived.
+    pub start: Instant,
+    /// Request method.
+    pub method: Method,
+    /// Path and query for logs, credentials redacted.
+    pub target: String,
+    /// Matched route.
+    pub route: Option<Arc<Route>>,
+    /// Admitted client.
+    pub client: Option<Client>,
+    /// Time to the upstream's response head.
+    pub upstream_time: Option<Duration>,
+    /// Fingerprint of the token sent.
+    pub token_fingerprint: Option<String>,
+    /// The upstream's own request id, if it sent one.
+    pub upstream_request_id: Option<String>,
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Serves one request; never fails (refusals are responses).
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let exchange = ExchangeGuard::new(&conn);
+    let snap = shared.snapshot.load_full();
+    let (parts, body) = req.into_parts();
+    let mut ctx = RequestCtx {
+        request_id: request_id(&parts.headers),
+        start: Instant::now(),
+        method: parts.method.clone(),
+        target: redacted_target(parts.uri.path(), parts.uri.query()),
+        route: None,
+        client: None,
+        upstream_time: None,
+        token_fingerprint: None,
+        upstream_request_id: None,
+    };
+    let resp = match journey(&snap, &shared.metrics, &conn, &mut ctx, parts, body).await {
+        Ok(resp) => resp.map(|b| b.with_guard(exchange)),
+        Err(e) => {
+            if matches!(
+                e,
+                ProxyError::UpstreamProtocol
+                    | ProxyError::UpstreamUnreachable
+                    | ProxyError::UpstreamTimeout(_)
+            ) {
+                tracing::warn!(request_id = ?ctx.request_id, error = %e, "upstream failure");
+            }
+            let id = ctx.request_id.to_str().unwrap_or("unknown");
+            e.to_response(id)
+                .map(|b| Counted::new(Either::Right(b), None).with_guard(exchange))
+        }
+    };
+    record(&shared.metrics, &ctx, resp.status());
+    Ok(resp)
+}
+
+async fn journey(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    conn: &ConnInfo,
+    ctx: &mut RequestCtx,
+    mut parts: Parts,
+    body: Incoming,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    refuse_unsafe_target(&parts)?;
+    if !snap.access.source_allowed(conn.peer.ip()) {
+        metrics
+            .auth_failures
+            .with_label_values(&["forbidden"])
+            .inc();
+        return Err(ProxyError::SourceForbidden);
+    }
+    let route = snap
+        .router
+        .find(parts.uri.path())
+        .ok_or(ProxyError::NoRoute)?
+        .clone();
+    ctx.route = Some(route.clone());
+    let inflight = GaugeGuard::new(&route.inflight);
+    let (client, held) = admit(snap, metrics, &route, &parts, body, ctx).await?;
+    let cred = snap
+        .credentials
+        .get(&route.config.credential)
+        .cloned()
+        .ok_or_else(|| ProxyError::TokenUnavailable {
+            credential: route.config.credential.clone(),
+            retry_after: Duration::from_secs(1),
+        })?;
+    hold_back(&cred)?;
+    let slot = acquire_slot(&cred).await?;
+    let token = cred
+        .manager
+        .token()
+        .await
+        .map_err(|u| ProxyError::TokenUnavailable {
+            credential: cred.config.name.clone(),
+            retry_after: u.retry_after,
+        })?;
+    let form_len = match &held {
+        Held::Form(b) => Some(b.len()),
+        _ => None,
+    };
+    rewrite_request(&mut parts, &route, &cred, &token, ctx, form_len);
+    let counter = metrics
+        .request_bytes
+        .with_label_values(&[route.name(), &client.name]);
+    let resp = match held {
+        Held::Empty | Held::Form(_) => {
+            let bytes = match held {
+                Held::Form(b) => b,
+                _ => Bytes::new(),
+            };
+            counter.inc_by(bytes.len() as u64);
+            let replay = (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            );
+            let resp = forward(
+                snap,
+                metrics,
+                &route,
+                ctx,
+                Request::from_parts(parts, full(bytes.clone())),
+            )
+            .await?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                resp
+            } else if let Some(fresh) = cred.manager.refresh_after_rejection(&token).await {
+                // The proxy holds the whole body, so the request can be sent once more.
+                tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
+                let mut again = Request::new(full(bytes));
+                *again.method_mut() = replay.0;
+                *again.uri_mut() = replay.1;
+                *again.headers_mut() = replay.2;
+                again
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, fresh.header.clone());
+                ctx.token_fingerprint = Some(fresh.fingerprint.clone());
+                forward(snap, metrics, &route, ctx, again).await?
+            } else {
+                resp
+            }
+        }
+        Held::Stream(body) => {
+            let resp = forward(
+                snap,
+                metrics,
+                &route,
+                ctx,
+                Request::from_parts(parts, streamed(body, Some(counter))),
+            )
+            .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                // The body is gone: pass the 401 on, but renew the token for the next requests.
+                let manager = cred.manager.clone();
+                tokio::spawn(async move {
+                    manager.refresh_after_rejection(&token).await;
+                });
+            }
+            resp
+        }
+    };
+    Ok(stream_back(
+        resp,
+        metrics,
+        &route,
+        &cred,
+        &client,
+        ctx,
+        (inflight, slot),
+    ))
+}
+
+/// CONNECT, foreign absolute-form targets and dot segments never get further.
+fn refuse_unsafe_target(parts: &Parts) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if parts.version < Version::HTTP_2 {
+        if let Some(authority) = parts.uri.authority() {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            if !host.eq_ignore_ascii_case(authority.as_str()) {
+                return Err(ProxyError::BadRequest(
+                    "absolute-form target names another host: this is not a forward proxy",
+                ));
+            }
+        }
+    }
+    let path = parts.uri.path();
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target must be a path"));
+    }
+    if has_dot_segment(path) {
+        return Err(ProxyError::BadRequest(
+            "dot segments are not allowed in the path",
+        ));
+    }
+    Ok(())
+}
+
+/// A request body: held whole (form bodies, empty bodies) or streamed.
+enum Held {
+    Empty,
+    Form(Bytes),
+    Stream(Incoming),
+}
+
+/// Who is asking, and may they? Reads a form body only when it has to.
+async fn admit(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    route: &Route,
+    parts: &Parts,
+    body: Incoming,
+    ctx: &mut RequestCtx,
+) -> Result<(Client, Held), ProxyError> {
+    let access = &snap.access;
+    let form = is_form(&parts.headers);
+    let max = snap.config.server.max_scrub_body_bytes;
+    let refused = |r: Refusal| {
+        let reason = if r == Refusal::Missing {
+            "missing"
+        } else {
+            "invalid"
+        };
+        metrics.auth_failures.with_label_values(&[reason]).inc();
+        ProxyError::Unauthorized {
+            missing: r == Refusal::Missing,
+        }
+    };
+    let mut body = Some(body);
+    let mut form_bytes = None;
+    let client = if !access.needs_key() {
+        access.anonymous()
+    } else {
+        match access.first_match(&header_and_query_candidates(
+            &parts.headers,
+            parts.uri.query(),
+        )) {
+            Ok(c) => c,
+            Err(r) if !form => return Err(refused(r)),
+            Err(r) => {
+                // A legacy client may carry its key only in the form body.
+                let Some(b) = body.take() else {
+                    return Err(refused(r));
+                };
+                let bytes = read_form(parts, b, max).await?;
+                let c = access
+                    .first_match(&form_candidates(&bytes))
+                    .map_err(|r2| refused(if r == Refusal::Invalid { r } else { r2 }))?;
+                form_bytes = Some(bytes);
+                c
+            }
+        }
+    };
+    ctx.client = Some(client.clone());
+    if !client.may_use(route.name()) {
+        metrics
+            .auth_failures
+            .with_label_values(&["forbidden"])
+            .inc();
+        return Err(ProxyError::RouteForbidden(route.name().to_string()));
+    }
+    if let Err(wait) = client.take_rate() {
+        metrics
+            .auth_failures
+            .with_label_values(&["rate_limited"])
+            .inc();
+        return Err(ProxyError::RateLimited { retry_after: wait });
+    }
+    let held = match (form_bytes, body) {
+        (Some(bytes), _) => Held::Form(scrub(&bytes)?),
+        (None, Some(b)) if form => Held::Form(scrub(&read_form(parts, b, max).await?)?),
+        (None, Some(b)) if b.is_end_stream() => Held::Empty,
+        (None, Some(b)) => Held::Stream(b),
+        (None, None) => Held::Empty,
+    };
+    Ok((client, held))
+}
+
+fn scrub(form: &[u8]) -> Result<Bytes, ProxyError> {
+    scrub_form(form)
+        .map_err(|_| ProxyError::BadRequest("malformed form body (bad percent-encoding)"))
+}
+
+/// Reads a form body whole, up to `max` bytes (413 beyond, before reading when the length says so).
+async fn read_form(parts: &Parts, body: Incoming, max: u64) -> Result<Bytes, ProxyError> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ProxyError::PayloadTooLarge(max));
+    }
+    if parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(ProxyError::BadRequest(
+            "compressed form bodies cannot be scrubbed of credentials",
+        ));
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ProxyError::PayloadTooLarge(max))
+        }
+        Err(_) => Err(ProxyError::ClientBody),
+    }
+}
+
+/// Waits for the credential to be usable upstream again after a 429 with Retry-After.
+fn hold_back(cred: &CredentialRuntime) -> Result<(), ProxyError> {
+    if !cred.config.respect_retry_after {
+        return Ok(());
+    }
+    let until = *cred.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+    match until {
+        Some(t) if t > Instant::now() => Err(ProxyError::RateLimited {
+            retry_after: t - Instant::now(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Decrements the queue gauge even when the waiting request is cancelled.
+struct Queued<'a>(&'a IntGauge);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A `max_in_flight` slot, waiting in the queue up to `queue_timeout`.
+async fn acquire_slot(
+    cred: &CredentialRuntime,
+) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+    let Some(sem) = &cred.slots else {
+        return Ok(None);
+    };
+    if let Ok(p) = sem.clone().try_acquire_owned() {
+        return Ok(Some(p));
+    }
+    cred.queued.inc();
+    let _queued = Queued(&cred.queued);
+    match tokio::time::timeout(cred.config.queue_timeout, sem.clone().acquire_owned()).await {
+        Ok(Ok(p)) => Ok(Some(p)),
+        _ => Err(ProxyError::Overloaded {
+            credential: cred.config.name.clone(),
+            retry_after: Duration::from_secs(1),
+        }),
+    }
+}
+
+/// Credentials out, the proxy's own in; the upstream URI and Host.
+fn rewrite_request(
+    parts: &mut Parts,
+    route: &Route,
+    cred: &CredentialRuntime,
+    token: &Token,
+    ctx: &mut RequestCtx,
+    form_len: Option<usize>,
+) {
+    let path = route.upstream_path(parts.uri.path());
+    let query = parts.uri.query().and_then(scrub_query);
+    let mut pq = path;
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(&q);
+    }
+    let c = &route.config;
+    let uri = Uri::builder()
+        .scheme(c.upstream_scheme.clone())
+        .authority(c.upstream_authority.clone())
+        .path_and_query(pq)
+        .build();
+    // The path was already validated by hyper and only lost parameters: this cannot fail.
+    if let Ok(uri) = uri {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    rewrite::strip_request_headers(h, c.pass_cookies);
+    h.insert(header::AUTHORIZATION, token.header.clone());
+    if c.send_api_key {
+        h.insert(&X_API_KEY, cred.api_key.clone());
+    }
+    if let Some(org) = &cred.org_id {
+        h.insert(&X_GW_IMS_ORG_ID, org.clone());
+    }
+    for (n, v) in &c.headers {
+        h.insert(n, v.clone());
+    }
+    h.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    h.insert(header::HOST, route.host.clone());
+    h.append(header::VIA, VIA_VALUE.clone());
+    if let Some(n) = form_len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    ctx.token_fingerprint = Some(token.fingerprint.clone());
+}
+
+/// Sends the request upstream and waits for its response head.
+async fn forward(
+    snap: &Snapshot,
+    metrics: &Metrics,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let started = Instant::now();
+    let timeout = route.config.upstream_timeout;
+    let result = tokio::time::timeout(timeout, snap.upstream.request(req)).await;
+    let elapsed = started.elapsed();
+    ctx.upstream_time = Some(elapsed);
+    let kind = match &result {
+        Ok(Ok(_)) => None,
+        Err(_) => Some(("timeout", ProxyError::UpstreamTimeout(timeout))),
+        Ok(Err(e)) if e.is_connect() => Some(("connect", ProxyError::UpstreamUnreachable)),
+        Ok(Err(_)) => Some(("protocol", ProxyError::UpstreamProtocol)),
+    };
+    match (result, kind) {
+        (Ok(Ok(resp)), _) => {
+            route.upstream_duration.observe(elapsed.as_secs_f64());
+            Ok(resp)
+        }
+        (Ok(Err(e)), Some((label, err))) => {
+            tracing::debug!(route = route.name(), error = %e, "upstream request failed");
+            metrics
+                .upstream_errors
+                .with_label_values(&[route.name(), label])
+                .inc();
+            Err(err)
+        }
+        (_, Some((label, err))) => {
+            metrics
+                .upstream_errors
+                .with_label_values(&[route.name(), label])
+                .inc();
+            Err(err)
+        }
+        (_, None) => Err(ProxyError::UpstreamProtocol),
+    }
+}
+
+/// The upstream's response, cleaned, streamed to the client; `guards` live until its body ends.
+fn stream_back(
+    resp: Response<Incoming>,
+    metrics: &Metrics,
+    route: &Route,
+    cred: &CredentialRuntime,
+    client: &Client,
+    ctx: &mut RequestCtx,
+    guards: impl crate::body::Guard,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    ctx.upstream_request_id = parts
+        .headers
+        .get(&X_REQUEST_ID)
+        .or_else(|| parts.headers.get("x-upstream-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if parts.status == StatusCode::TOO_MANY_REQUESTS {
+        metrics
+            .upstream_throttled
+            .with_label_values(&[route.name(), &client.name])
+            .inc();
+        if cred.config.respect_retry_after {
+            if let Some(secs) = parts
+                .headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                let until = Instant::now() + Duration::from_secs(secs.min(3600));
+                *cred.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+            }
+        }
+    }
+    rewrite::strip_response_headers(&mut parts.headers, route.config.pass_cookies);
+    parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    let counter = metrics
+        .response_bytes
+        .with_label_values(&[route.name(), &client.name]);
+    Response::from_parts(parts, streamed(body, Some(counter)).with_guard(guards))
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Metrics and the access-log line.
+fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
+    let route = ctx.route.as_ref().map(|r| r.name()).unwrap_or("none");
+    let client = ctx.client.as_ref().map(|c| &*c.name).unwrap_or("none");
+    let method = method_label(&ctx.method);
+    let labels = [route, client, method, status_label(status.as_u16())];
+    let elapsed = ctx.start.elapsed();
+    metrics.requests_total.with_label_values(&labels).inc();
+    metrics
+        .request_duration
+        .with_label_values(&labels)
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "ims_proxy::access",
+        request_id = ctx.request_id.to_str().unwrap_or("-"),
+        client,
+        route,
+        method = %ctx.method,
+        path = %ctx.target,
+        status = status.as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+        token = ctx.token_fingerprint.as_deref(),
+        upstream_request_id = ctx.upstream_request_id.as_deref(),
+        "request"
+    );
+}

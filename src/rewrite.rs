@@ -1,0 +1,302 @@
+//! Request and response rewriting: credentials out, the proxy's own in.
+//!
+//! Query strings and form bodies are edited pair by pair on the raw bytes, so
+//! every parameter that is not a credential reaches the upstream byte-identical.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::percent_decode;
+use std::borrow::Cow;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Client credentials and headers only the proxy may set upstream.
+static CLIENT_CREDENTIALS: [HeaderName; 6] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-proxy-key"),
+    HeaderName::from_static("x-gw-ims-org-id"),
+    HeaderName::from_static("sessionid"),
+    header::EXPECT,
+];
+
+/// Parameter names (case-insensitive, after percent-decoding) that carry legacy credentials.
+const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Removes everything a client could authenticate or steer the upstream with.
+pub fn strip_request_headers(headers: &mut HeaderMap, pass_cookies: bool) {
+    strip_hop_by_hop(headers);
+    for n in &CLIENT_CREDENTIALS {
+        headers.remove(n);
+    }
+    if !pass_cookies {
+        headers.remove(header::COOKIE);
+    }
+}
+
+/// Cleans an upstream response's headers for the client.
+pub fn strip_response_headers(headers: &mut HeaderMap, pass_cookies: bool) {
+    strip_hop_by_hop(headers);
+    if !pass_cookies {
+        headers.remove(header::SET_COOKIE);
+    }
+}
+
+fn decoded_name(pair: &[u8]) -> Cow<'_, [u8]> {
+    let name = match pair.iter().position(|b| *b == b'=') {
+        Some(i) => &pair[..i],
+        None => pair,
+    };
+    if name.contains(&b'+') {
+        let spaced: Vec<u8> = name
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        Cow::Owned(percent_decode(&spaced).collect())
+    } else {
+        percent_decode(name).into()
+    }
+}
+
+/// True when a raw `name=value` pair carries a legacy credential.
+pub fn is_credential_pair(pair: &[u8]) -> bool {
+    let name = decoded_name(pair);
+    CREDENTIAL_PARAMS
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+}
+
+/// The query without `apiKey`/`sessionID` pairs; `None` when nothing is left.
+/// Borrowed (untouched) when there was nothing to remove.
+pub fn scrub_query(query: &str) -> Option<Cow<'_, str>> {
+    if !query.split('&').any(|p| is_credential_pair(p.as_bytes())) {
+        return (!query.is_empty()).then_some(Cow::Borrowed(query));
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !is_credential_pair(p.as_bytes()))
+        .collect();
+    let joined = kept.join("&");
+    (!joined.is_empty()).then_some(Cow::Owned(joined))
+}
+
+/// A form body the proxy will not forward because it cannot be read unambiguously.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MalformedForm;
+
+fn valid_percent_escapes(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// The form body without `apiKey`/`sessionID` fields, refusing bodies whose names
+/// cannot be decoded unambiguously (bad percent escapes, non-UTF-8 names).
+pub fn scrub_form(body: &[u8]) -> Result<Bytes, MalformedForm> {
+    let mut out = Vec::with_capacity(body.len());
+    for pair in body.split(|b| *b == b'&') {
+        if !valid_percent_escapes(pair) || std::str::from_utf8(&decoded_name(pair)).is_err() {
+            return Err(MalformedForm);
+        }
+        if pair.is_empty() || is_credential_pair(pair) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b'&');
+        }
+        out.extend_from_slice(pair);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Decoded values of every `name` pair (case-insensitive) in a query or form body.
+pub fn param_values(raw: &[u8], name: &str) -> Vec<String> {
+    raw.split(|b| *b == b'&')
+        .filter(|p| decoded_name(p).eq_ignore_ascii_case(name.as_bytes()))
+        .filter_map(|p| {
+            let v = &p[p.iter().position(|b| *b == b'=')? + 1..];
+            let spaced: Vec<u8> = v
+                .iter()
+                .map(|b| if *b == b'+' { b' ' } else { *b })
+                .collect();
+            String::from_utf8(percent_decode(&spaced).collect()).ok()
+        })
+        .collect()
+}
+
+/// True for `application/x-www-form-urlencoded` (with any parameters).
+pub fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// True when a path has a `.` or `..` segment, plain or percent-encoded.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        if !seg.contains('.') && !seg.contains('%') {
+            return false;
+        }
+        let d: Vec<u8> = percent_decode(seg.as_bytes()).collect();
+        d == b"." || d == b".."
+    })
+}
+
+/// The path and query for logs, with credential values replaced by `[redacted]`.
+pub fn redacted_target(path: &str, query: Option<&str>) -> String {
+    let Some(q) = query else {
+        return path.to_string();
+    };
+    let parts: Vec<Cow<'_, str>> = q
+        .split('&')
+        .map(|p| {
+            if is_credential_pair(p.as_bytes()) {
+                let name = p.split('=').next().unwrap_or(p);
+                Cow::Owned(format!("{name}=[redacted]"))
+            } else {
+                Cow::Borrowed(p)
+            }
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&"))
+}
+
+/// Sets a header, replacing whatever was there.
+pub fn set(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    headers.insert(name, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_scrub_removes_credentials_in_any_spelling_and_keeps_the_rest_verbatim() {
+        assert_eq!(
+            scrub_query("a=1&apiKey=k&b=%2F+x").as_deref(),
+            Some("a=1&b=%2F+x")
+        );
+        assert_eq!(
+            scrub_query("APIKEY=k&sessionID=s&SessionId=t&api%4Bey=u&api%4bey").as_deref(),
+            None
+        );
+        assert_eq!(
+            scrub_query("fields=*&$$LIMIT=10").as_deref(),
+            Some("fields=*&$$LIMIT=10")
+        );
+        assert!(matches!(scrub_query("x=1"), Some(Cow::Borrowed("x=1"))));
+        assert_eq!(
+            scrub_query("apiKeyX=1&xapiKey=2").as_deref(),
+            Some("apiKeyX=1&xapiKey=2")
+        );
+    }
+
+    #[test]
+    fn form_scrub_removes_fields_and_refuses_malformed_bodies() {
+        assert_eq!(
+            &scrub_form(b"name=Proj+1&apiKey=k&status=CUR").unwrap()[..],
+            b"name=Proj+1&status=CUR"
+        );
+        assert_eq!(&scrub_form(b"sessionID=s").unwrap()[..], b"");
+        assert_eq!(&scrub_form(b"a=%zz").unwrap_err(), &MalformedForm);
+        assert_eq!(&scrub_form(b"a=%4").unwrap_err(), &MalformedForm);
+        assert_eq!(&scrub_form(b"%ff%fe=1").unwrap_err(), &MalformedForm);
+        assert_eq!(&scrub_form(b"a=%41&&b=2").unwrap()[..], b"a=%41&b=2");
+    }
+
+    #[test]
+    fn param_values_decode() {
+        assert_eq!(
+            param_values(b"apiKey=a%2Bb&APIKEY=c+d", "apikey"),
+            vec!["a+b", "c d"]
+        );
+    }
+
+    #[test]
+    fn dot_segments_plain_and_encoded() {
+        for p in [
+            "/a/../b",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/a/%2e/b",
+            "/a/.%2e",
+            "/..",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in ["/a/b.json", "/a/...", "/a/.hidden", "/a/%2e%2e%2e"] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        h.insert("authorization", HeaderValue::from_static("Bearer client"));
+        h.insert("cookie", HeaderValue::from_static("c=1"));
+        h.insert("sessionid", HeaderValue::from_static("s"));
+        strip_request_headers(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn log_target_never_shows_credential_values() {
+        assert_eq!(
+            redacted_target("/p", Some("apiKey=SECRET&a=1")),
+            "/p?apiKey=[redacted]&a=1"
+        );
+        assert_eq!(redacted_target("/p", None), "/p");
+    }
+}

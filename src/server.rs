@@ -1,0 +1,375 @@
+//! Listeners and lifecycle: accept loops (plain or TLS), per-connection idle
+//! limits, graceful drain, signals and reload.
+
+use crate::admin;
+use crate::body::BoxError;
+use crate::config::{Config, TlsFiles};
+use crate::metrics::Metrics;
+use crate::proxy::{self, ConnInfo};
+use crate::state::Shared;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Binding a listen address failed.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS files or outbound setup are unusable.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainReport {
+    /// Connections still busy at the grace limit, cut.
+    pub cut_connections: usize,
+}
+
+/// A running proxy and admin server.
+pub struct ServerHandle {
+    /// Where the proxy listens (the real port when configured with port 0).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    /// The shared state (snapshot, metrics).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    proxy_task: JoinHandle<DrainReport>,
+    admin_task: JoinHandle<DrainReport>,
+}
+
+impl ServerHandle {
+    /// Stops accepting and asks every connection to finish (idempotent).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits until both servers have drained (or cut what was left at the grace limit).
+    pub async fn wait(self) -> DrainReport {
+        let p = self.proxy_task.await.unwrap_or_default();
+        let a = self.admin_task.await.unwrap_or_default();
+        DrainReport {
+            cut_connections: p.cut_connections + a.cut_connections,
+        }
+    }
+
+    /// `begin_shutdown` then `wait`.
+    pub async fn shutdown(self) -> DrainReport {
+        self.begin_shutdown();
+        self.wait().await
+    }
+}
+
+/// The client-facing TLS acceptor (ALPN h2 and http/1.1).
+pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_file_iter(&files.cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert_file: {}: {e}", files.cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert_file: no certificate in {}",
+            files.cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|e| format!("server.tls_key_file: {}: {e}", files.key_file.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("server.tls_key_file: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Connection settings shared by every connection of one listener.
+#[derive(Clone)]
+struct ConnSettings {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    grace: Duration,
+}
+
+fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Binds both listeners and starts serving; token fetches start at once.
+pub async fn start(
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> Result<ServerHandle, StartError> {
+    start_with_metrics(config, config_path, Arc::new(Metrics::new())).await
+}
+
+/// Like [`start`], with a given metrics registry.
+pub async fn start_with_metrics(
+    config: Config,
+    config_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+) -> Result<ServerHandle, StartError> {
+    let s = &config.server;
+    let proxy_listener = TcpListener::bind(s.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            key: "server.listen",
+            addr: s.listen,
+            source,
+        })?;
+    let admin_listener =
+        TcpListener::bind(s.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "server.admin_listen",
+                addr: s.admin_listen,
+                source,
+            })?;
+    let tls = s
+        .tls
+        .as_ref()
+        .map(tls_acceptor)
+        .transpose()
+        .map_err(StartError::Setup)?;
+    let settings = ConnSettings {
+        builder: Arc::new(http_builder(s.header_read_timeout)),
+        tls,
+        idle_timeout: s.idle_timeout,
+        header_read_timeout: s.header_read_timeout,
+        grace: s.shutdown_grace,
+    };
+    let admin_settings = ConnSettings {
+        tls: None,
+        ..settings.clone()
+    };
+    let proxy_addr = proxy_listener
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let shared = Shared::start(config, config_path, metrics).map_err(StartError::Setup)?;
+    let (shutdown, _) = watch::channel(false);
+    let sh = shared.clone();
+    let proxy_task = tokio::spawn(accept_loop(
+        proxy_listener,
+        settings,
+        move |conn, req| proxy::handle(sh.clone(), conn, req),
+        shutdown.subscribe(),
+    ));
+    let sh = shared.clone();
+    let admin_task = tokio::spawn(accept_loop(
+        admin_listener,
+        admin_settings,
+        move |_conn, req| admin::handle(sh.clone(), req),
+        shutdown.subscribe(),
+    ));
+    tracing::info!(listen = %proxy_addr, admin = %admin_addr, tls = shared.snapshot.load().config.server.tls.is_some(), "ims-proxy serving");
+    Ok(ServerHandle {
+        proxy_addr,
+        admin_addr,
+        shared,
+        shutdown,
+        proxy_task,
+        admin_task,
+    })
+}
+
+async fn accept_loop<F, Fut, B>(
+    listener: TcpListener,
+    settings: ConnSettings,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+) -> DrainReport
+where
+    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (settings, handler, shutdown) = (settings.clone(), handler.clone(), shutdown.clone());
+                    conns.spawn(async move {
+                        let conn = Arc::new(ConnInfo::new(peer));
+                        match &settings.tls {
+                            None => serve_connection(stream, conn, settings.clone(), handler, shutdown).await,
+                            Some(acceptor) => {
+                                match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => serve_connection(tls, conn, settings.clone(), handler, shutdown).await,
+                                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let open = conns.len();
+    let drained = tokio::time::timeout(settings.grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    let cut = if drained.is_err() { conns.len() } else { 0 };
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "shutdown grace elapsed; cutting connections still busy"
+        );
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+    } else if open > 0 {
+        tracing::info!(connections = open, "drained");
+    }
+    DrainReport {
+        cut_connections: cut,
+    }
+}
+
+async fn serve_connection<I, F, Fut, B>(
+    io: I,
+    conn: Arc<ConnInfo>,
+    settings: ConnSettings,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let c = conn.clone();
+    let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
+    let connection = settings.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let idle = settings.idle_timeout;
+    let mut tick =
+        tokio::time::interval((idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = *shutdown.borrow();
+    if draining {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !draining => {
+                if conn.idle_for() >= idle {
+                    tracing::debug!(peer = %conn.peer, "closing idle connection");
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// `ims-proxy run`: serve until SIGTERM/SIGINT, reload on SIGHUP.
+pub async fn run(config_path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    let handle = start(config, Some(config_path))
+        .await
+        .map_err(|e| e.to_string())?;
+    wait_for_signals(&handle).await;
+    let report = handle.wait().await;
+    tracing::info!(cut_connections = report.cut_connections, "stopped");
+    Ok(())
+}
+
+/// Serves signals until SIGTERM/SIGINT starts the drain.
+pub async fn wait_for_signals(handle: &ServerHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            handle.begin_shutdown();
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    let shared = handle.shared.clone();
+                    tokio::spawn(async move { shared.reload().await });
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    handle.begin_shutdown();
+}

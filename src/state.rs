@@ -1,0 +1,324 @@
+//! The runtime snapshot: routes, keys and token managers, built from one
+//! configuration and swapped whole on reload, so a request sees one
+//! consistent configuration from start to end.
+
+use crate::access::Access;
+use crate::config::{Config, CredentialConfig};
+use crate::ims::ImsClient;
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::token::{ImsSource, Timing, TokenManager};
+use crate::upstream::{self, UpstreamClient};
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use prometheus::IntGauge;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// One credential at run time.
+pub struct CredentialRuntime {
+    /// The validated credential.
+    pub config: CredentialConfig,
+    /// Its token manager (shared across snapshots while its identity is unchanged).
+    pub manager: Arc<TokenManager>,
+    /// `x-api-key` value (the client id).
+    pub api_key: HeaderValue,
+    /// `x-gw-ims-org-id` value.
+    pub org_id: Option<HeaderValue>,
+    /// `max_in_flight` slots.
+    pub slots: Option<Arc<Semaphore>>,
+    /// `ims_proxy_queued_requests{credential}`.
+    pub queued: IntGauge,
+    /// With `respect_retry_after`: no request upstream before this.
+    pub hold_until: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Everything a request reads, from one configuration.
+pub struct Snapshot {
+    /// The configuration it was built from.
+    pub config: Arc<Config>,
+    /// Routes.
+    pub router: Router,
+    /// Client access rules.
+    pub access: Access,
+    /// Credentials by name.
+    pub credentials: HashMap<String, Arc<CredentialRuntime>>,
+    /// Pooled upstream client.
+    pub upstream: UpstreamClient,
+    /// IMS client.
+    pub ims: ImsClient,
+}
+
+/// State shared by every connection: the swapped snapshot and the metrics.
+pub struct Shared {
+    /// The current snapshot; replaced whole by reloads (the only writer).
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    config_path: Option<PathBuf>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// The outcome of a reload, as `/reload` answers it.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    /// `ok` or `error`.
+    pub result: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Credentials that kept their token.
+    pub kept: Vec<String>,
+    /// Credentials with a new token.
+    pub renewed: Vec<String>,
+    /// Credentials no longer configured.
+    pub removed: Vec<String>,
+    /// Things that could not change.
+    pub warnings: Vec<String>,
+}
+
+impl ReloadReport {
+    fn failed(error: String) -> Self {
+        ReloadReport {
+            result: "error",
+            error: Some(error),
+            kept: vec![],
+            renewed: vec![],
+            removed: vec![],
+            warnings: vec![],
+        }
+    }
+}
+
+fn timing(config: &Config) -> Timing {
+    Timing {
+        refresh_margin: config.ims.refresh_margin,
+        request_timeout: config.ims.request_timeout,
+    }
+}
+
+impl Shared {
+    /// Builds the first snapshot and starts every credential's token fetch at once.
+    pub fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Shared>, String> {
+        let ims = ImsClient::new(&config.outbound, config.ims.request_timeout)?;
+        let upstream = upstream::build(&config.outbound)?;
+        let mut managers = HashMap::new();
+        for (name, c) in &config.credentials {
+            let source = Box::new(ImsSource {
+                client: ims.clone(),
+                credential: c.clone(),
+            });
+            managers.insert(
+                name.clone(),
+                TokenManager::start(name, source, timing(&config), metrics.clone()),
+            );
+        }
+        let snapshot = build_snapshot(config, &metrics, managers, None, upstream, ims)?;
+        Ok(Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Re-reads the config file and applies it (SIGHUP, `POST /reload`).
+    pub async fn reload(&self) -> ReloadReport {
+        let Some(path) = self.config_path.clone() else {
+            return self.record(ReloadReport::failed("no config file to reload".into()));
+        };
+        match Config::load(&path) {
+            Ok(c) => self.apply(c).await,
+            Err(e) => self.record(ReloadReport::failed(e.to_string())),
+        }
+    }
+
+    fn record(&self, report: ReloadReport) -> ReloadReport {
+        self.metrics
+            .config_reloads
+            .with_label_values(&[report.result])
+            .inc();
+        match &report.error {
+            None => {
+                tracing::info!(kept = ?report.kept, renewed = ?report.renewed, removed = ?report.removed, "configuration reloaded")
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays in place")
+            }
+        }
+        for w in &report.warnings {
+            tracing::warn!("{w}");
+        }
+        report
+    }
+
+    /// Applies a new configuration: unchanged credentials keep their token, changed
+    /// ones must get a token first, or nothing changes.
+    pub async fn apply(&self, config: Config) -> ReloadReport {
+        let _one_writer = self.reload_lock.lock().await;
+        let old = self.snapshot.load_full();
+        let mut warnings = Vec::new();
+        if config.server.listen != old.config.server.listen
+            || config.server.admin_listen != old.config.server.admin_listen
+        {
+            warnings
+                .push("listen addresses cannot change on reload; restart to move them".to_string());
+        }
+        if config.server.tls != old.config.server.tls {
+            warnings.push("TLS files changed; they take effect on restart".to_string());
+        }
+        let ims = if config.outbound == old.config.outbound
+            && config.ims.request_timeout == old.config.ims.request_timeout
+        {
+            old.ims.clone()
+        } else {
+            match ImsClient::new(&config.outbound, config.ims.request_timeout) {
+                Ok(c) => c,
+                Err(e) => return self.record(ReloadReport::failed(e)),
+            }
+        };
+        let upstream = if config.outbound == old.config.outbound {
+            old.upstream.clone()
+        } else {
+            match upstream::build(&config.outbound) {
+                Ok(c) => c,
+                Err(e) => return self.record(ReloadReport::failed(e)),
+            }
+        };
+        let (mut kept, mut renewed, mut managers, mut fresh) =
+            (vec![], vec![], HashMap::new(), vec![]);
+        for (name, c) in &config.credentials {
+            match old
+                .credentials
+                .get(name)
+                .filter(|o| o.config.same_identity(c))
+            {
+                Some(o) => {
+                    kept.push(name.clone());
+                    managers.insert(name.clone(), o.manager.clone());
+                }
+                None => {
+                    let source = Box::new(ImsSource {
+                        client: ims.clone(),
+                        credential: c.clone(),
+                    });
+                    let m =
+                        TokenManager::start(name, source, timing(&config), self.metrics.clone());
+                    renewed.push(name.clone());
+                    fresh.push(m.clone());
+                    managers.insert(name.clone(), m);
+                }
+            }
+        }
+        // Changed credentials must hold a token before the new configuration serves anything.
+        let results = futures_util::future::join_all(
+            fresh
+                .iter()
+                .map(|m| async move { (m.name().to_string(), m.token().await) }),
+        )
+        .await;
+        for (name, r) in results {
+            if r.is_err() {
+                let why = managers
+                    .get(&name)
+                    .and_then(|m| m.report().last_error)
+                    .unwrap_or_else(|| "timed out".into());
+                return self.record(ReloadReport::failed(format!(
+                    "credentials.{name}: cannot get a token: {why}"
+                )));
+            }
+        }
+        let removed = old
+            .credentials
+            .keys()
+            .filter(|n| !config.credentials.contains_key(*n))
+            .cloned()
+            .collect();
+        match build_snapshot(config, &self.metrics, managers, Some(&old), upstream, ims) {
+            Ok(s) => {
+                self.snapshot.store(Arc::new(s));
+                self.record(ReloadReport {
+                    result: "ok",
+                    error: None,
+                    kept,
+                    renewed,
+                    removed,
+                    warnings,
+                })
+            }
+            Err(e) => self.record(ReloadReport::failed(e)),
+        }
+    }
+
+    /// True when every credential holds a token it is not about to lose.
+    pub fn ready(&self) -> bool {
+        self.snapshot
+            .load()
+            .credentials
+            .values()
+            .all(|c| c.manager.report().ready)
+    }
+}
+
+fn build_snapshot(
+    config: Config,
+    metrics: &Metrics,
+    managers: HashMap<String, Arc<TokenManager>>,
+    previous: Option<&Snapshot>,
+    upstream: UpstreamClient,
+    ims: ImsClient,
+) -> Result<Snapshot, String> {
+    let router = Router::new(&config.routes, metrics)?;
+    let access = Access::new(&config.access, previous.map(|p| &p.access));
+    let mut credentials = HashMap::new();
+    let by_name: BTreeMap<_, _> = config.credentials.iter().collect();
+    for (name, c) in by_name {
+        let manager = managers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("credential {name} has no token manager"))?;
+        let prev = previous.and_then(|p| p.credentials.get(name));
+        let slots = match (c.max_in_flight, prev) {
+            (Some(n), Some(p)) if p.config.max_in_flight == Some(n) => p.slots.clone(),
+            (Some(n), _) => Some(Arc::new(Semaphore::new(n as usize))),
+            (None, _) => None,
+        };
+        let api_key = HeaderValue::from_str(&c.client_id)
+            .map_err(|_| format!("credentials.{name}.client_id: not a valid header value"))?;
+        let org_id = match &c.org_id {
+            Some(o) => Some(
+                HeaderValue::from_str(o)
+                    .map_err(|_| format!("credentials.{name}.org_id: not a valid header value"))?,
+            ),
+            None => None,
+        };
+        credentials.insert(
+            name.clone(),
+            Arc::new(CredentialRuntime {
+                config: c.clone(),
+                manager,
+                api_key,
+                org_id,
+                slots,
+                queued: metrics.queued.with_label_values(&[name]),
+                hold_until: prev.map(|p| p.hold_until.clone()).unwrap_or_default(),
+            }),
+        );
+    }
+    Ok(Snapshot {
+        config: Arc::new(config),
+        router,
+        access,
+        credentials,
+        upstream,
+        ims,
+    })
+}
