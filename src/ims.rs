@@ -131,7 +131,8 @@ impl ImsClient {
             }
         }
         if let Some(p) = &outbound.proxy {
-            b = b.proxy(reqwest::Proxy::all(p).map_err(|e| format!("outbound.proxy: {e}"))?);
+            let proxy = reqwest::Proxy::all(p).map_err(|e| format!("outbound.proxy: {e}"))?;
+            b = b.proxy(proxy.no_proxy(reqwest::NoProxy::from_env()));
         }
         let http = b.build().map_err(|e| format!("IMS client: {e}"))?;
         Ok(ImsClient { http })

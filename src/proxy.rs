@@ -167,7 +167,7 @@ pub async fn handle(
                 .map(|b| Counted::new(Either::Right(b), None).with_guard(exchange))
         }
     };
-    record(&shared.metrics, &ctx, resp.status());
+    record(&shared, &ctx, resp.status());
     Ok(resp)
 }
 
@@ -627,8 +627,9 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Metrics and the access-log line.
-fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
+/// Metrics, the access-log line and the audit line.
+fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
+    let metrics = &shared.metrics;
     let route = ctx.route.as_ref().map(|r| r.name()).unwrap_or("none");
     let client = ctx.client.as_ref().map(|c| &*c.name).unwrap_or("none");
     let method = method_label(&ctx.method);
@@ -639,18 +640,37 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
         .request_duration
         .with_label_values(&labels)
         .observe(elapsed.as_secs_f64());
+    let request_id = ctx.request_id.to_str().unwrap_or("-");
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
     tracing::info!(
         target: "ims_proxy::access",
-        request_id = ctx.request_id.to_str().unwrap_or("-"),
+        request_id,
         client,
         route,
         method = %ctx.method,
         path = %ctx.target,
         status = status.as_u16(),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+        duration_ms,
+        upstream_ms,
         token = ctx.token_fingerprint.as_deref(),
         upstream_request_id = ctx.upstream_request_id.as_deref(),
         "request"
     );
+    if let Some(audit) = &shared.audit {
+        audit.record(&serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "request_id": request_id,
+            "client": client,
+            "route": route,
+            "credential": ctx.route.as_ref().map(|r| r.config.credential.as_str()),
+            "method": ctx.method.as_str(),
+            "path": ctx.target,
+            "status": status.as_u16(),
+            "duration_ms": duration_ms,
+            "upstream_ms": upstream_ms,
+            "upstream_request_id": ctx.upstream_request_id,
+            "token_fingerprint": ctx.token_fingerprint,
+        }));
+    }
 }

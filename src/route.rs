@@ -69,7 +69,7 @@ impl Router {
                 upstream_duration: metrics.upstream_duration.with_label_values(&[&r.name]),
             }));
         }
-        built.sort_by(|a, b| b.config.prefix.len().cmp(&a.config.prefix.len()));
+        built.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
         Ok(Router { routes: built })
     }
 

@@ -3,6 +3,7 @@
 //! consistent configuration from start to end.
 
 use crate::access::Access;
+use crate::audit::AuditLog;
 use crate::config::{Config, CredentialConfig};
 use crate::ims::ImsClient;
 use crate::metrics::Metrics;
@@ -59,6 +60,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The audit log, when `server.audit_log` is set.
+    pub audit: Option<AuditLog>,
     config_path: Option<PathBuf>,
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -121,10 +124,18 @@ impl Shared {
                 TokenManager::start(name, source, timing(&config), metrics.clone()),
             );
         }
+        let audit = match &config.server.audit_log {
+            Some(path) => Some(
+                AuditLog::open(path)
+                    .map_err(|e| format!("server.audit_log: {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let snapshot = build_snapshot(config, &metrics, managers, None, upstream, ims)?;
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
+            audit,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
         }))
@@ -171,6 +182,9 @@ impl Shared {
         {
             warnings
                 .push("listen addresses cannot change on reload; restart to move them".to_string());
+        }
+        if config.server.audit_log != old.config.server.audit_log {
+            warnings.push("server.audit_log changed; it takes effect on restart".to_string());
         }
         if config.server.tls != old.config.server.tls {
             warnings.push("TLS files changed; they take effect on restart".to_string());

@@ -237,12 +237,16 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            let key = if key == "." {
-                "config".to_string()
-            } else {
-                key
+            // Syntax errors (duplicate keys, bad quoting) have no path: name the line instead.
+            let key = match (key.as_str(), inner.span()) {
+                (".", Some(span)) => format!(
+                    "line {}",
+                    text[..span.start.min(text.len())].lines().count().max(1)
+                ),
+                (".", None) => "config".to_string(),
+                _ => key,
             };
-            ConfigError::new(key, inner.to_string().trim().replace('\n', " "))
+            ConfigError::new(key, inner.message().trim().replace('\n', " "))
         })?;
         Validator { base_dir, env }.validate(raw)
     }

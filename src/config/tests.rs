@@ -175,3 +175,15 @@ fn key_route_list_must_name_routes() {
     );
     assert!(err(&text).starts_with("access.keys[0].routes[0]:"));
 }
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let e = err(&format!(
+        "[server]\nidle_timeout = \"1s\"\nidle_timeout = \"2s\"\n{}",
+        base()
+    ));
+    assert!(
+        e.starts_with("line 3:") && e.contains("idle_timeout"),
+        "{e}"
+    );
+}
