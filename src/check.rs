@@ -40,9 +40,9 @@ pub async fn check(path: &Path, fetch_tokens: bool) -> (String, bool) {
                                 break;
                             }
                             Err(e) => {
-                                let _ = write!(
+                                let _ = writeln!(
                                     line,
-                                    "  {name}: secret {}: error {}: {}\n",
+                                    "  {name}: secret {}: error {}: {}",
                                     i + 1,
                                     e.kind.label(),
                                     e.message

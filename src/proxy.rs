@@ -360,7 +360,9 @@ async fn admit(
             parts.uri.query(),
         )) {
             Ok(c) => c,
-            Err(r) if !form => return Err(refused(r)),
+            // A wrong key is refused at once; only a form request with no key at all
+            // has its body read, since a legacy client may carry the key only there.
+            Err(r) if !form || r == Refusal::Invalid => return Err(refused(r)),
             Err(r) => {
                 // A legacy client may carry its key only in the form body.
                 let Some(b) = body.take() else {
@@ -369,7 +371,7 @@ async fn admit(
                 let bytes = read_form(parts, b, max).await?;
                 let c = access
                     .first_match(&form_candidates(&bytes))
-                    .map_err(|r2| refused(if r == Refusal::Invalid { r } else { r2 }))?;
+                    .map_err(refused)?;
                 form_bytes = Some(bytes);
                 c
             }
@@ -606,6 +608,8 @@ fn stream_back(
             }
         }
     }
+    // The upstream may have answered over HTTP/2; the client's connection decides the framing.
+    parts.version = Version::HTTP_11;
     rewrite::strip_response_headers(&mut parts.headers, route.config.pass_cookies);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     let counter = metrics

@@ -241,7 +241,7 @@ impl Config {
             let key = match (key.as_str(), inner.span()) {
                 (".", Some(span)) => format!(
                     "line {}",
-                    text[..span.start.min(text.len())].lines().count().max(1)
+                    text[..span.start.min(text.len())].matches('\n').count() + 1
                 ),
                 (".", None) => "config".to_string(),
                 _ => key,

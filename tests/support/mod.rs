@@ -159,8 +159,8 @@ impl Harness {
         Self::with(Setup::default()).await
     }
 
-    /// Simulators plus proxy with `setup`; waits until the tokens are there
-    /// (unless IMS was told to fail).
+    /// Simulators plus proxy with `setup`; the token fetch has started, call
+    /// [`Harness::ready`] to wait for it.
     pub async fn with(setup: Setup) -> Harness {
         let ims = SimIms::start().await.expect("sim IMS");
         let st = ims.state();
