@@ -785,3 +785,28 @@ async fn refusals_get_distinct_fresh_request_ids() {
     c.assert_refusal(401, "unauthorized");
     assert_ne!(c.json()["request_id"], long.as_str());
 }
+
+#[tokio::test]
+async fn form_request_with_a_wrong_header_key_never_uploads_body() {
+    let h = Harness::start().await;
+    let addr = h.server.proxy_addr;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /workfront/attask/api/v19.0/proj HTTP/1.1\r\nHost: {addr}\r\nx-proxy-key: wrong-key\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 500\r\nExpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, RAW_LIMIT, |b| {
+        parse_response(b).is_some_and(|(r, _)| !r.status.is_informational())
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(
+        !text.contains("100 Continue"),
+        "a refused client was invited to send its body: {text:?}"
+    );
+    let (r, _) = parse_response(&buf).unwrap();
+    r.assert_refusal(401, "unauthorized");
+    assert_eq!(h.up().count(), 0);
+}
