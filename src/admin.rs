@@ -43,13 +43,7 @@ pub async fn handle(
         ),
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            let reports: Vec<_> = shared
-                .snapshot
-                .load()
-                .credentials
-                .values()
-                .map(|c| c.manager.report())
-                .collect();
+            let reports = shared.token_reports();
             let ready = reports.iter().all(|r| r.ready);
             let status = if ready {
                 StatusCode::OK
@@ -66,14 +60,7 @@ pub async fn handle(
             )
         }
         (&Method::GET, "/tokens") => {
-            let mut reports: Vec<_> = shared
-                .snapshot
-                .load()
-                .credentials
-                .values()
-                .map(|c| c.manager.report())
-                .collect();
-            reports.sort_by(|a, b| a.credential.cmp(&b.credential));
+            let reports = shared.token_reports();
             json(StatusCode::OK, &reports)
         }
         (&Method::POST, "/reload") => {

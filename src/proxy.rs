@@ -221,61 +221,26 @@ async fn journey(
     let counter = metrics
         .request_bytes
         .with_label_values(&[route.name(), &client.name]);
+    let upstream = Upstream {
+        snap,
+        metrics,
+        route: &route,
+        cred: &cred,
+    };
     let resp = match held {
-        Held::Empty | Held::Form(_) => {
-            let bytes = match held {
-                Held::Form(b) => b,
-                _ => Bytes::new(),
-            };
-            counter.inc_by(bytes.len() as u64);
-            let replay = (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            );
-            let resp = forward(
-                snap,
-                metrics,
-                &route,
-                ctx,
-                Request::from_parts(parts, full(bytes.clone())),
-            )
-            .await?;
-            if resp.status() != StatusCode::UNAUTHORIZED {
-                resp
-            } else if let Some(fresh) = cred.manager.refresh_after_rejection(&token).await {
-                // The proxy holds the whole body, so the request can be sent once more.
-                tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
-                let mut again = Request::new(full(bytes));
-                *again.method_mut() = replay.0;
-                *again.uri_mut() = replay.1;
-                *again.headers_mut() = replay.2;
-                again
-                    .headers_mut()
-                    .insert(header::AUTHORIZATION, fresh.header.clone());
-                ctx.token_fingerprint = Some(fresh.fingerprint.clone());
-                forward(snap, metrics, &route, ctx, again).await?
-            } else {
-                resp
-            }
-        }
         Held::Stream(body) => {
-            let resp = forward(
-                snap,
-                metrics,
-                &route,
-                ctx,
-                Request::from_parts(parts, streamed(body, Some(counter))),
-            )
-            .await?;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                // The body is gone: pass the 401 on, but renew the token for the next requests.
-                let manager = cred.manager.clone();
-                tokio::spawn(async move {
-                    manager.refresh_after_rejection(&token).await;
-                });
-            }
-            resp
+            upstream
+                .send_streamed(ctx, parts, streamed(body, Some(counter)), token)
+                .await?
+        }
+        Held::Empty => {
+            upstream
+                .send_replayable(ctx, parts, Bytes::new(), &token)
+                .await?
+        }
+        Held::Form(bytes) => {
+            counter.inc_by(bytes.len() as u64);
+            upstream.send_replayable(ctx, parts, bytes, &token).await?
         }
     };
     Ok(stream_back(
@@ -287,6 +252,101 @@ async fn journey(
         ctx,
         (inflight, slot),
     ))
+}
+
+/// Where a request goes once rewritten: the route's upstream, with its credential.
+struct Upstream<'a> {
+    snap: &'a Snapshot,
+    metrics: &'a Metrics,
+    route: &'a Route,
+    cred: &'a CredentialRuntime,
+}
+
+impl Upstream<'_> {
+    /// A body the proxy holds: on an upstream 401, sent once more with a fresh token.
+    async fn send_replayable(
+        &self,
+        ctx: &mut RequestCtx,
+        parts: Parts,
+        body: Bytes,
+        token: &Token,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let replay = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let resp = self
+            .send(ctx, Request::from_parts(parts, full(body.clone())))
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(fresh) = self.cred.manager.refresh_after_rejection(token).await else {
+            return Ok(resp);
+        };
+        tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
+        let mut again = Request::new(full(body));
+        *again.method_mut() = replay.0;
+        *again.uri_mut() = replay.1;
+        *again.headers_mut() = replay.2;
+        again
+            .headers_mut()
+            .insert(header::AUTHORIZATION, fresh.header.clone());
+        ctx.token_fingerprint = Some(fresh.fingerprint.clone());
+        self.send(ctx, again).await
+    }
+
+    /// A streamed body cannot be sent twice: a 401 is passed on, and the token renewed for the next requests.
+    async fn send_streamed(
+        &self,
+        ctx: &mut RequestCtx,
+        parts: Parts,
+        body: ProxyBody,
+        token: Arc<Token>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let resp = self.send(ctx, Request::from_parts(parts, body)).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            let manager = self.cred.manager.clone();
+            tokio::spawn(async move {
+                manager.refresh_after_rejection(&token).await;
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Sends the request and waits for the response head (bounded by `upstream_timeout`).
+    async fn send(
+        &self,
+        ctx: &mut RequestCtx,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let started = Instant::now();
+        let timeout = self.route.config.upstream_timeout;
+        let result = tokio::time::timeout(timeout, self.snap.upstream.request(req)).await;
+        let elapsed = started.elapsed();
+        ctx.upstream_time = Some(elapsed);
+        let (kind, err) = match result {
+            Ok(Ok(resp)) => {
+                self.route.upstream_duration.observe(elapsed.as_secs_f64());
+                return Ok(resp);
+            }
+            Err(_) => ("timeout", ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(e)) => {
+                tracing::debug!(route = self.route.name(), error = %e, "upstream request failed");
+                if e.is_connect() {
+                    ("connect", ProxyError::UpstreamUnreachable)
+                } else {
+                    ("protocol", ProxyError::UpstreamProtocol)
+                }
+            }
+        };
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[self.route.name(), kind])
+            .inc();
+        Err(err)
+    }
 }
 
 /// CONNECT, foreign absolute-form targets and dot segments never get further.
@@ -529,49 +589,6 @@ fn rewrite_request(
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     ctx.token_fingerprint = Some(token.fingerprint.clone());
-}
-
-/// Sends the request upstream and waits for its response head.
-async fn forward(
-    snap: &Snapshot,
-    metrics: &Metrics,
-    route: &Route,
-    ctx: &mut RequestCtx,
-    req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let started = Instant::now();
-    let timeout = route.config.upstream_timeout;
-    let result = tokio::time::timeout(timeout, snap.upstream.request(req)).await;
-    let elapsed = started.elapsed();
-    ctx.upstream_time = Some(elapsed);
-    let kind = match &result {
-        Ok(Ok(_)) => None,
-        Err(_) => Some(("timeout", ProxyError::UpstreamTimeout(timeout))),
-        Ok(Err(e)) if e.is_connect() => Some(("connect", ProxyError::UpstreamUnreachable)),
-        Ok(Err(_)) => Some(("protocol", ProxyError::UpstreamProtocol)),
-    };
-    match (result, kind) {
-        (Ok(Ok(resp)), _) => {
-            route.upstream_duration.observe(elapsed.as_secs_f64());
-            Ok(resp)
-        }
-        (Ok(Err(e)), Some((label, err))) => {
-            tracing::debug!(route = route.name(), error = %e, "upstream request failed");
-            metrics
-                .upstream_errors
-                .with_label_values(&[route.name(), label])
-                .inc();
-            Err(err)
-        }
-        (_, Some((label, err))) => {
-            metrics
-                .upstream_errors
-                .with_label_values(&[route.name(), label])
-                .inc();
-            Err(err)
-        }
-        (_, None) => Err(ProxyError::UpstreamProtocol),
-    }
 }
 
 /// The upstream's response, cleaned, streamed to the client; `guards` live until its body ends.

@@ -8,7 +8,7 @@ use crate::config::{Config, CredentialConfig};
 use crate::ims::ImsClient;
 use crate::metrics::Metrics;
 use crate::route::Router;
-use crate::token::{ImsSource, Timing, TokenManager};
+use crate::token::{ImsSource, Timing, TokenManager, TokenReport};
 use crate::upstream::{self, UpstreamClient};
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -272,13 +272,22 @@ impl Shared {
         }
     }
 
-    /// True when every credential holds a token it is not about to lose.
-    pub fn ready(&self) -> bool {
-        self.snapshot
+    /// Every credential's token state, by name; never the token.
+    pub fn token_reports(&self) -> Vec<TokenReport> {
+        let mut reports: Vec<_> = self
+            .snapshot
             .load()
             .credentials
             .values()
-            .all(|c| c.manager.report().ready)
+            .map(|c| c.manager.report())
+            .collect();
+        reports.sort_by(|a, b| a.credential.cmp(&b.credential));
+        reports
+    }
+
+    /// True when every credential holds a token it is not about to lose.
+    pub fn ready(&self) -> bool {
+        self.token_reports().iter().all(|r| r.ready)
     }
 }
 

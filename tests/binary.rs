@@ -284,6 +284,17 @@ fn check_prints_routes_and_never_the_secret() {
     }
 }
 
+/// A simulated IMS that knows the test credentials, and an upstream that checks its tokens.
+async fn simulators() -> (SimIms, SimUpstream) {
+    let ims = SimIms::start().await.expect("sim IMS");
+    ims.state().add_client(CLIENT_ID, SECRET);
+    ims.state().add_client("fusion-client-id", "fusion-secret");
+    let upstream = SimUpstream::start(Some(ims.state()))
+        .await
+        .expect("sim upstream");
+    (ims, upstream)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fetch_tokens_reports_ok_and_invalid_client() {
     let ims = SimIms::start().await.expect("sim IMS");
@@ -440,12 +451,7 @@ async fn terminate(r: Running) -> (ExitStatus, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
-    let ims = SimIms::start().await.expect("sim IMS");
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let upstream = SimUpstream::start(Some(ims.state()))
-        .await
-        .expect("sim upstream");
+    let (ims, upstream) = simulators().await;
     let r = start_run(&ims, &upstream, "trace").await;
 
     let basic = {
@@ -572,12 +578,7 @@ async fn secrets_never_reach_the_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let ims = SimIms::start().await.expect("sim IMS");
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let upstream = SimUpstream::start(Some(ims.state()))
-        .await
-        .expect("sim upstream");
+    let (ims, upstream) = simulators().await;
     let r = start_run(&ims, &upstream, "info").await;
     let slow_url = r.url("/workfront/slow?ms=1000");
     let slow = tokio::spawn(async move { get(&slow_url, &[("x-proxy-key", KEY)]).await });

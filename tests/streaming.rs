@@ -12,13 +12,9 @@ use hyper::body::Frame;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use ims_proxy::config::Config;
-use ims_proxy::server;
-use ims_proxy::sim::{pattern_sha256, SimIms, SimUpstream};
+use ims_proxy::sim::pattern_sha256;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -287,33 +283,11 @@ async fn graceful_drain_finishes_in_flight_requests() {
     assert_eq!(report.cut_connections, 0);
 }
 
-/// Like `Harness::with`, with the generated config text edited before use (for keys the
-/// generated `[server]` section already sets, which a `Setup` line would duplicate).
-async fn harness_edited(setup: Setup, edit: impl Fn(String) -> String) -> Harness {
-    let ims = SimIms::start().await.expect("sim IMS");
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let upstream = SimUpstream::start(Some(ims.state()))
-        .await
-        .expect("sim upstream");
-    let text = edit(config_text(&setup, &ims.token_url(), &upstream.url()));
-    let config =
-        Config::parse(&text, Path::new("."), &HashMap::new()).expect("test config is valid");
-    let server = server::start(config, None).await.expect("server starts");
-    Harness {
-        ims,
-        upstream,
-        server,
-        config_text: text,
-        config_file: None,
-    }
-}
-
 #[tokio::test]
 async fn grace_limit_cuts_requests_still_running() {
-    // `config_text` already sets `shutdown_grace = "5s"`; a second line would be a duplicate TOML key.
-    let h = harness_edited(Setup::default(), |t| {
-        t.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"300ms\"")
+    let h = Harness::with(Setup {
+        server: "shutdown_grace = \"300ms\"".into(),
+        ..Setup::default()
     })
     .await;
     assert!(h.config_text.contains("shutdown_grace = \"300ms\""));
