@@ -273,7 +273,8 @@ impl TokenManager {
         } else if !self.inner.force.load(Ordering::SeqCst)
             && !self.inner.fetching.load(Ordering::SeqCst)
         {
-            return None;
+            // No refresh under way: one may have finished since the first look.
+            return self.current().filter(|t| newer(t));
         }
         self.wait_for(newer).await.ok()
     }
@@ -287,7 +288,8 @@ impl TokenManager {
             if let Some(t) = self.current().filter(|t| accept(t)) {
                 return Ok(t);
             }
-            if !inner.fetching.load(Ordering::SeqCst) && !inner.force.load(Ordering::SeqCst) {
+            // Read `force` before `fetching`: the task raises `fetching` before lowering `force`.
+            if !inner.force.load(Ordering::SeqCst) && !inner.fetching.load(Ordering::SeqCst) {
                 let st = inner.lock_status();
                 if let Some(next) = st.next_retry.filter(|n| *n > Instant::now()) {
                     // IMS is failing and the task is backing off: answer now, not after a wait.
@@ -383,8 +385,9 @@ impl Inner {
                 }
                 continue;
             }
-            self.force.store(false, Ordering::SeqCst);
+            // `fetching` goes up before `force` comes down, so waiters never see neither.
             self.fetching.store(true, Ordering::SeqCst);
+            self.force.store(false, Ordering::SeqCst);
             let outcome = self.fetch_round().await;
             let retry = match outcome {
                 Ok(()) => {
