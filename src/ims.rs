@@ -43,6 +43,20 @@ pub enum FetchErrorKind {
 }
 
 impl FetchErrorKind {
+    /// Every kind, for metrics that start at zero.
+    pub const ALL: [FetchErrorKind; 10] = [
+        FetchErrorKind::InvalidClient,
+        FetchErrorKind::InvalidScope,
+        FetchErrorKind::UnauthorizedClient,
+        FetchErrorKind::InvalidRequest,
+        FetchErrorKind::OtherOauth,
+        FetchErrorKind::Http4xx,
+        FetchErrorKind::Http5xx,
+        FetchErrorKind::BadResponse,
+        FetchErrorKind::Timeout,
+        FetchErrorKind::Connect,
+    ];
+
     /// The metric label value.
     pub fn label(self) -> &'static str {
         match self {

@@ -163,6 +163,14 @@ impl Metrics {
             ),
             registry,
         };
+        // Series that only count failures exist from the start at zero, so dashboards
+        // and alerts see 0 rather than no data.
+        for reason in ["missing", "invalid", "forbidden", "rate_limited"] {
+            m.auth_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
         let build = IntGaugeVec::new(
             Opts::new("ims_proxy_build_info", "Build information"),
             &["version"],

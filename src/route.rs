@@ -59,6 +59,9 @@ impl Router {
     pub fn new(routes: &[RouteConfig], metrics: &Metrics) -> Result<Router, String> {
         let mut built = Vec::with_capacity(routes.len());
         for r in routes {
+            for kind in ["connect", "timeout", "protocol"] {
+                metrics.upstream_errors.with_label_values(&[&r.name, kind]);
+            }
             let host = HeaderValue::from_str(r.upstream_authority.as_str()).map_err(|_| {
                 format!("route {}: upstream host is not a valid Host header", r.name)
             })?;

@@ -300,6 +300,26 @@ fn build_snapshot(
     ims: ImsClient,
 ) -> Result<Snapshot, String> {
     let router = Router::new(&config.routes, metrics)?;
+    // Chargeback series start at zero for every client that may use a route.
+    let clients: Vec<(&str, Option<&Vec<String>>)> = match config.access.mode {
+        crate::config::AccessMode::Open => vec![("anonymous", None)],
+        crate::config::AccessMode::Keys => config
+            .access
+            .keys
+            .iter()
+            .map(|k| (k.name.as_str(), k.routes.as_ref()))
+            .collect(),
+    };
+    for r in &config.routes {
+        for (client, allowed) in &clients {
+            if allowed.is_none_or(|a| a.contains(&r.name)) {
+                let labels = [r.name.as_str(), client];
+                metrics.upstream_throttled.with_label_values(&labels);
+                metrics.request_bytes.with_label_values(&labels);
+                metrics.response_bytes.with_label_values(&labels);
+            }
+        }
+    }
     let access = Access::new(&config.access, previous.map(|p| &p.access));
     let mut credentials = HashMap::new();
     let by_name: BTreeMap<_, _> = config.credentials.iter().collect();

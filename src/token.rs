@@ -201,6 +201,16 @@ impl TokenManager {
         timing: Timing,
         metrics: Arc<Metrics>,
     ) -> Arc<TokenManager> {
+        for result in ["ok", "error"] {
+            metrics.token_refreshes.with_label_values(&[name, result]);
+        }
+        metrics.token_forced_refreshes.with_label_values(&[name]);
+        for kind in FetchErrorKind::ALL {
+            metrics
+                .token_fetch_errors
+                .with_label_values(&[name, kind.label()]);
+        }
+        metrics.token_fetch_duration.with_label_values(&[name]);
         let (published, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             name: name.to_string(),

@@ -264,3 +264,41 @@ async fn audit_log_gets_one_secret_free_json_line_per_request() {
         assert!(!all.contains(secret), "audit log leaks {secret}");
     }
 }
+
+#[tokio::test]
+async fn metrics_endpoint_exports_every_metric_of_the_spec() {
+    let h = Harness::start().await;
+    h.ready().await;
+    get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    let text = get(&h.admin("/metrics"), &[]).await.text();
+    for name in [
+        "ims_proxy_requests_total",
+        "ims_proxy_request_duration_seconds",
+        "ims_proxy_upstream_duration_seconds",
+        "ims_proxy_inflight_requests",
+        "ims_proxy_queued_requests",
+        "ims_proxy_upstream_errors_total",
+        "ims_proxy_auth_failures_total",
+        "ims_proxy_token_refreshes_total",
+        "ims_proxy_token_fetch_errors_total",
+        "ims_proxy_token_fetch_duration_seconds",
+        "ims_proxy_token_expiry_timestamp_seconds",
+        "ims_proxy_token_forced_refreshes_total",
+        "ims_proxy_request_bytes_total",
+        "ims_proxy_response_bytes_total",
+        "ims_proxy_upstream_throttled_total",
+        "ims_proxy_config_reloads_total",
+        "ims_proxy_build_info",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics"
+        );
+    }
+    assert!(text.contains(r#"ims_proxy_auth_failures_total{reason="rate_limited"} 0"#));
+    assert!(text.contains(r#"ims_proxy_upstream_errors_total{kind="timeout",route="workfront"} 0"#));
+    assert!(text.contains(&format!(
+        "ims_proxy_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+}

@@ -187,3 +187,32 @@ fn syntax_errors_name_the_line() {
         "{e}"
     );
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let env: HashMap<String, String> = [
+        "WF_CLIENT_ID",
+        "WF_CLIENT_SECRET",
+        "FUSION_CLIENT_ID",
+        "FUSION_CLIENT_SECRET",
+        "WFB_CLIENT_ID",
+        "WFB_CLIENT_SECRET",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), format!("value-of-{k}")))
+    .collect();
+    let c = Config::parse(
+        include_str!("../../config/example.toml"),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    let names: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["workfront", "fusion", "workflow-builder"]);
+    let fusion = c.routes.iter().find(|r| r.name == "fusion").unwrap();
+    let headers: Vec<&str> = fusion.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(headers.contains(&"x-gw-region") && headers.contains(&"x-organization-id"));
+    assert!(c.credentials["workflow_builder"]
+        .scopes
+        .contains(&"ff_apis".to_string()));
+}
