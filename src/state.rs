@@ -189,9 +189,11 @@ impl Shared {
         if config.server.tls != old.config.server.tls {
             warnings.push("TLS files changed; they take effect on restart".to_string());
         }
-        let ims = if config.outbound == old.config.outbound
-            && config.ims.request_timeout == old.config.ims.request_timeout
-        {
+        // A new egress path (proxy, CA, timeout) must prove itself: every credential
+        // then fetches a token through it before the new configuration is used.
+        let same_egress = config.outbound == old.config.outbound
+            && config.ims.request_timeout == old.config.ims.request_timeout;
+        let ims = if same_egress {
             old.ims.clone()
         } else {
             match ImsClient::new(&config.outbound, config.ims.request_timeout) {
@@ -213,7 +215,7 @@ impl Shared {
             match old
                 .credentials
                 .get(name)
-                .filter(|o| o.config.same_identity(c))
+                .filter(|o| same_egress && o.config.same_identity(c))
             {
                 Some(o) => {
                     kept.push(name.clone());
@@ -256,8 +258,14 @@ impl Shared {
             .filter(|n| !config.credentials.contains_key(*n))
             .cloned()
             .collect();
+        let new_timing = timing(&config);
         match build_snapshot(config, &self.metrics, managers, Some(&old), upstream, ims) {
             Ok(s) => {
+                for name in &kept {
+                    if let Some(c) = s.credentials.get(name) {
+                        c.manager.set_timing(new_timing);
+                    }
+                }
                 self.snapshot.store(Arc::new(s));
                 self.record(ReloadReport {
                     result: "ok",

@@ -119,7 +119,7 @@ struct Status {
 }
 
 /// Timing rules of a manager.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// Refresh when less than this is left (capped at half the lifetime).
     pub refresh_margin: Duration,
@@ -130,7 +130,7 @@ pub struct Timing {
 struct Inner {
     name: String,
     source: Box<dyn TokenSource>,
-    timing: Timing,
+    timing: Mutex<Timing>,
     metrics: Arc<Metrics>,
     current: ArcSwapOption<Token>,
     status: Mutex<Status>,
@@ -215,7 +215,7 @@ impl TokenManager {
         let inner = Arc::new(Inner {
             name: name.to_string(),
             source,
-            timing,
+            timing: Mutex::new(timing),
             metrics,
             current: ArcSwapOption::empty(),
             status: Mutex::new(Status::default()),
@@ -228,6 +228,12 @@ impl TokenManager {
         });
         let task = tokio::spawn(inner.clone().run());
         Arc::new(TokenManager { inner, task })
+    }
+
+    /// Applies new `[ims]` timing (on reload); the refresh schedule is recomputed at once.
+    pub fn set_timing(&self, timing: Timing) {
+        *self.inner.timing.lock().unwrap_or_else(|e| e.into_inner()) = timing;
+        self.inner.wake.notify_one();
     }
 
     /// The credential's name.
@@ -292,7 +298,7 @@ impl TokenManager {
     async fn wait_for(&self, accept: impl Fn(&Token) -> bool) -> Result<Arc<Token>, Unavailable> {
         let inner = &self.inner;
         let mut rx = inner.published.subscribe();
-        let deadline = Instant::now() + inner.timing.request_timeout;
+        let deadline = Instant::now() + inner.timing().request_timeout;
         inner.wake.notify_one();
         loop {
             if let Some(t) = self.current().filter(|t| accept(t)) {
@@ -340,7 +346,7 @@ impl TokenManager {
         };
         let in_margin = token
             .as_ref()
-            .is_some_and(|t| now >= t.refresh_at(inner.timing.refresh_margin));
+            .is_some_and(|t| now >= t.refresh_at(inner.timing().refresh_margin));
         let ready = usable && !(in_margin && st.last_attempt_failed);
         TokenReport {
             credential: inner.name.clone(),
@@ -371,6 +377,10 @@ impl TokenManager {
 }
 
 impl Inner {
+    fn timing(&self) -> Timing {
+        *self.timing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
         // A panic while holding the lock cannot leave Status inconsistent in a way that matters.
         self.status.lock().unwrap_or_else(|e| e.into_inner())
@@ -385,7 +395,7 @@ impl Inner {
             wake.as_mut().enable();
             let forced = self.force.load(Ordering::SeqCst);
             let due = match self.current.load_full() {
-                Some(t) if !forced => t.refresh_at(self.timing.refresh_margin),
+                Some(t) if !forced => t.refresh_at(self.timing().refresh_margin),
                 _ => Instant::now(),
             };
             if due > Instant::now() {

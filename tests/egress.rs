@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A minimal egress proxy on loopback: CONNECT tunnels and absolute-form forwarding.
-async fn egress_proxy() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+async fn egress_proxy(
+    deny_connect: bool,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tunnels, forwards) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -31,6 +33,12 @@ async fn egress_proxy() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUs
                 let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
                 if method == "CONNECT" {
                     t.fetch_add(1, Ordering::SeqCst);
+                    if deny_connect {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    }
                     let Ok(mut upstream) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -62,7 +70,7 @@ async fn egress_proxy() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUs
 
 #[tokio::test]
 async fn ims_and_upstream_calls_go_through_the_configured_egress_proxy() {
-    let (proxy, tunnels, forwards) = egress_proxy().await;
+    let (proxy, tunnels, forwards) = egress_proxy(false).await;
     let h = Harness::with(Setup {
         outbound: format!("proxy = \"http://{proxy}\""),
         ..Setup::default()
@@ -85,8 +93,27 @@ async fn ims_and_upstream_calls_go_through_the_configured_egress_proxy() {
 }
 
 #[tokio::test]
-async fn unreachable_egress_proxy_is_a_502_for_the_upstream() {
-    // IMS is reached directly (its token arrives before the proxy is set), so this isolates the upstream path.
+async fn egress_proxy_refusing_the_tunnel_is_a_502() {
+    let (proxy, tunnels, _) = egress_proxy(true).await;
+    let h = Harness::with(Setup {
+        outbound: format!("proxy = \"http://{proxy}\""),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    r.assert_refusal(502, "upstream_unreachable");
+    assert!(tunnels.load(Ordering::SeqCst) >= 1);
+    assert_eq!(h.up().count(), 0);
+    let metrics = get(&h.admin("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains(r#"ims_proxy_upstream_errors_total{kind="connect",route="workfront"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn reload_onto_an_unusable_egress_path_is_refused() {
     let h = Harness::start().await;
     h.ready().await;
     let text = h.config_text.replace(
@@ -100,7 +127,20 @@ async fn unreachable_egress_proxy_is_a_502_for_the_upstream() {
     )
     .unwrap();
     let report = h.server.shared.apply(config).await;
-    assert_eq!(report.result, "ok", "{report:?}");
-    let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
-    r.assert_refusal(502, "upstream_unreachable");
+    assert_eq!(report.result, "error", "{report:?}");
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot get a token"),
+        "{report:?}"
+    );
+    assert_eq!(
+        get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        200,
+        "the old configuration keeps serving"
+    );
 }
