@@ -95,6 +95,12 @@ pub fn is_credential_pair(pair: &[u8]) -> bool {
 
 /// The query without `apiKey`/`sessionID` pairs; `None` when nothing is left.
 /// Borrowed (untouched) when there was nothing to remove.
+///
+/// ```
+/// use ims_proxy::rewrite::scrub_query;
+/// assert_eq!(scrub_query("fields=name&apiKey=k&$$LIMIT=5").as_deref(), Some("fields=name&$$LIMIT=5"));
+/// assert_eq!(scrub_query("SESSIONID=s").as_deref(), None);
+/// ```
 pub fn scrub_query(query: &str) -> Option<Cow<'_, str>> {
     if !query.split('&').any(|p| is_credential_pair(p.as_bytes())) {
         return (!query.is_empty()).then_some(Cow::Borrowed(query));

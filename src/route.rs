@@ -48,6 +48,12 @@ pub struct Router {
 }
 
 /// True when `prefix` matches `path` on whole segments.
+///
+/// ```
+/// use ims_proxy::route::prefix_matches;
+/// assert!(prefix_matches("/workfront", "/workfront/attask/api"));
+/// assert!(!prefix_matches("/workfront", "/workfrontx"));
+/// ```
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || (path.starts_with(prefix)
