@@ -1,0 +1,110 @@
+//! Client-facing TLS: rustls with ALPN h2 and http/1.1.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use support::*;
+
+struct Tls {
+    _dir: tempfile::TempDir,
+    setup: Setup,
+    cert_pem: String,
+}
+
+fn self_signed() -> Tls {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("proxy.pem"), dir.path().join("proxy.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let setup = Setup {
+        server: format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        ..Setup::default()
+    };
+    Tls {
+        _dir: dir,
+        setup,
+        cert_pem: ck.cert.pem(),
+    }
+}
+
+fn https_client(
+    cert_pem: &str,
+    h2: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector)
+}
+
+#[tokio::test]
+async fn tls_serves_http1_and_h2_by_alpn() {
+    let tls = self_signed();
+    let h = Harness::with(tls.setup.clone()).await;
+    let url = format!(
+        "https://127.0.0.1:{}/workfront/attask/api/v19.0/proj/search",
+        h.server.proxy_addr.port()
+    );
+    for (h2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
+        let client = https_client(&tls.cert_pem, h2);
+        let req = Request::get(&url)
+            .header("x-proxy-key", KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.expect("TLS request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), version);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("Bearer sim-"));
+    }
+    assert!(!h.up().last().unwrap().headers.contains_key("x-proxy-key"));
+}
+
+#[tokio::test]
+async fn plaintext_to_the_tls_port_gets_no_http_answer() {
+    let tls = self_signed();
+    let h = Harness::with(tls.setup.clone()).await;
+    let request = format!("GET /workfront/x HTTP/1.1\r\nHost: x\r\nx-proxy-key: {KEY}\r\n\r\n");
+    let answer = raw(
+        h.server.proxy_addr,
+        request.as_bytes(),
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+    assert!(!answer.contains("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(h.up().count(), 0);
+}
