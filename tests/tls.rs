@@ -108,3 +108,79 @@ async fn plaintext_to_the_tls_port_gets_no_http_answer() {
     assert!(!answer.contains("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(h.up().count(), 0);
 }
+
+/// An HTTPS upstream with a self-signed certificate, answering with the HTTP version it saw.
+async fn https_upstream(tls: &Tls) -> std::net::SocketAddr {
+    use rustls_pki_types::pem::PemObject;
+    let certs =
+        vec![rustls_pki_types::CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).unwrap()];
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_file(tls._dir.path().join("proxy.key")).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap_or("").to_string())
+                            .unwrap_or_default();
+                        let body = format!("{:?} {auth}", req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file_is_reached_over_h2() {
+    let tls = self_signed();
+    let upstream = https_upstream(&tls).await;
+    let ca = tls._dir.path().join("proxy.pem");
+    let h = Harness::with(Setup {
+        outbound: format!("ca_file = {:?}", ca.display().to_string()),
+        upstream_url: Some(format!("https://127.0.0.1:{}", upstream.port())),
+        ..Setup::default()
+    })
+    .await;
+    let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("HTTP/2.0 Bearer sim-"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn self_signed_upstream_without_ca_file_is_refused_with_502() {
+    let tls = self_signed();
+    let upstream = https_upstream(&tls).await;
+    let h = Harness::with(Setup {
+        upstream_url: Some(format!("https://127.0.0.1:{}", upstream.port())),
+        ..Setup::default()
+    })
+    .await;
+    let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    r.assert_refusal(502, "upstream_unreachable");
+}
