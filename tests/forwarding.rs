@@ -302,3 +302,57 @@ async fn metrics_endpoint_exports_every_metric_of_the_spec() {
         env!("CARGO_PKG_VERSION")
     )));
 }
+
+#[tokio::test]
+async fn upstream_429_is_passed_on_and_counted_and_held_back_when_asked() {
+    let h = Harness::with(Setup {
+        credential: "respect_retry_after = true".into(),
+        ..Setup::default()
+    })
+    .await;
+    let r = get(&h.url("/workfront/status/429"), &[("x-proxy-key", KEY)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.json()["error_code"],
+        "429050",
+        "Adobe's own throttling answer is passed on unchanged"
+    );
+    let seen = h.up().count();
+    let held = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    held.assert_refusal(429, "rate_limited");
+    assert!(
+        held.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(
+        h.up().count(),
+        seen,
+        "held-back requests do not spend the account's quota"
+    );
+    let metrics = get(&h.admin("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains(r#"ims_proxy_upstream_throttled_total{client="etl",route="workfront"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_429_without_respect_retry_after_holds_nothing_back() {
+    let h = Harness::start().await;
+    assert_eq!(
+        get(&h.url("/workfront/status/429"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        200
+    );
+}
