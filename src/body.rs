@@ -43,9 +43,12 @@ impl<B> Counted<B> {
         }
     }
 
-    /// Keeps `guard` alive until this body is dropped.
+    /// Keeps `guard` alive until this body ends or is dropped, along with any guard it already holds.
     pub fn with_guard(mut self, guard: impl Guard) -> Self {
-        self.guard = Some(Box::new(guard));
+        self.guard = Some(match self.guard.take() {
+            Some(held) => Box::new((held, guard)),
+            None => Box::new(guard),
+        });
         self
     }
 }

@@ -810,3 +810,39 @@ async fn form_request_with_a_wrong_header_key_never_uploads_body() {
     r.assert_refusal(401, "unauthorized");
     assert_eq!(h.up().count(), 0);
 }
+
+#[tokio::test]
+async fn a_streaming_response_holds_its_slot_until_the_body_ends() {
+    let h = Harness::with(Setup {
+        credential: "max_in_flight = 1\nqueue_timeout = \"200ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    // Head received, body (64 MiB) not read: the exchange is still in flight.
+    let req = http::Request::get(h.url("/workfront/download?bytes=67108864"))
+        .header("x-proxy-key", KEY)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let first = client().request(req).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let m = metrics(&h).await;
+    assert_metric(&m, r#"ims_proxy_inflight_requests{route="workfront"} 1"#);
+    get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+        .await
+        .assert_refusal(503, "overloaded");
+    drop(first);
+    let mut freed = false;
+    for _ in 0..100 {
+        if get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status
+            == 200
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the slot was not released when the client went away");
+}
