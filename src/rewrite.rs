@@ -35,12 +35,12 @@ const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Split the raw bytes: one non-ASCII byte must not hide the names beside it.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect();
     for n in named {
         headers.remove(n);
@@ -87,10 +87,22 @@ fn decoded_name(pair: &[u8]) -> Cow<'_, [u8]> {
 
 /// True when a raw `name=value` pair carries a legacy credential.
 pub fn is_credential_pair(pair: &[u8]) -> bool {
-    let name = decoded_name(pair);
-    CREDENTIAL_PARAMS
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+    is_credential_name(&decoded_name(pair))
+}
+
+/// True when `name` equals `target` (lower-case ASCII) in any case, including
+/// Unicode letters that some upstream parsers fold onto ASCII (the Kelvin sign
+/// for `k`, the dotless `ı` for `i`).
+fn folds_to(name: &[u8], target: &str) -> bool {
+    if name.is_ascii() {
+        return name.eq_ignore_ascii_case(target.as_bytes());
+    }
+    let text = String::from_utf8_lossy(name);
+    text.to_lowercase() == target || text.to_uppercase().eq_ignore_ascii_case(target)
+}
+
+fn is_credential_name(name: &[u8]) -> bool {
+    CREDENTIAL_PARAMS.iter().any(|c| folds_to(name, c))
 }
 
 /// The query without `apiKey`/`sessionID` pairs; `None` when nothing is left.
@@ -156,7 +168,7 @@ pub fn scrub_form(body: &[u8]) -> Result<Bytes, MalformedForm> {
 /// Decoded values of every `name` pair (case-insensitive) in a query or form body.
 pub fn param_values(raw: &[u8], name: &str) -> Vec<String> {
     raw.split(|b| *b == b'&')
-        .filter(|p| decoded_name(p).eq_ignore_ascii_case(name.as_bytes()))
+        .filter(|p| folds_to(&decoded_name(p), name))
         .filter_map(|p| {
             let v = &p[p.iter().position(|b| *b == b'=')? + 1..];
             let spaced: Vec<u8> = v
@@ -168,26 +180,36 @@ pub fn param_values(raw: &[u8], name: &str) -> Vec<String> {
         .collect()
 }
 
-/// True for `application/x-www-form-urlencoded` (with any parameters).
+/// True for `application/x-www-form-urlencoded` (with any parameters), judged on
+/// the raw bytes of every `Content-Type` header, so odd bytes or a second header
+/// cannot make a form body look like something the proxy need not scrub.
 pub fn is_form(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| {
-            t.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+    headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+        let media = v
+            .as_bytes()
+            .split(|b| *b == b';')
+            .next()
+            .unwrap_or_default();
+        media
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+    })
 }
 
-/// True when a path has a `.` or `..` segment, plain or percent-encoded.
+/// True when a path segment could let a client climb out of the route's upstream
+/// base path: `.` or `..` (plain, percent-encoded, or with Tomcat-style
+/// `;params`), or an encoded `/` or `\` that an upstream may decode into a separator.
 pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| {
-        if !seg.contains('.') && !seg.contains('%') {
+        if !seg.contains(['.', '%', ';', '\\']) {
             return false;
         }
         let d: Vec<u8> = percent_decode(seg.as_bytes()).collect();
-        d == b"." || d == b".."
+        if d.contains(&b'/') || d.contains(&b'\\') {
+            return true;
+        }
+        let bare = d.split(|b| *b == b';').next().unwrap_or_default();
+        bare == b"." || bare == b".."
     })
 }
 
@@ -254,6 +276,26 @@ mod tests {
     }
 
     #[test]
+    fn form_detection_reads_raw_bytes_and_every_content_type() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_bytes(b"application/x-www-form-urlencoded; x=\xff").unwrap(),
+        );
+        assert!(is_form(&h));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/X-WWW-Form-Urlencoded"),
+        );
+        assert!(is_form(&h));
+    }
+
+    #[test]
     fn param_values_decode() {
         assert_eq!(
             param_values(b"apiKey=a%2Bb&APIKEY=c+d", "apikey"),
@@ -273,7 +315,24 @@ mod tests {
         ] {
             assert!(has_dot_segment(p), "{p}");
         }
-        for p in ["/a/b.json", "/a/...", "/a/.hidden", "/a/%2e%2e%2e"] {
+        for p in [
+            "/a/..;/b",
+            "/a/.;x/b",
+            "/a/..%2fb",
+            "/a/%2e%2e%2fb",
+            "/a/x%2Fy",
+            "/a/x%5cy",
+            "/a/..\\b",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/a/b.json",
+            "/a/...",
+            "/a/.hidden",
+            "/a/%2e%2e%2e",
+            "/a/b;v=1",
+        ] {
             assert!(!has_dot_segment(p), "{p}");
         }
     }
@@ -288,6 +347,11 @@ mod tests {
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-other-hop, \xff").unwrap(),
+        );
+        h.insert("x-other-hop", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         h.insert("authorization", HeaderValue::from_static("Bearer client"));
         h.insert("cookie", HeaderValue::from_static("c=1"));
