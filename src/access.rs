@@ -73,9 +73,10 @@ impl Bucket {
             st.0 -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - st.0) / self.limit.per_second,
-            ))
+            Err(
+                Duration::try_from_secs_f64((1.0 - st.0) / self.limit.per_second)
+                    .unwrap_or(Duration::MAX),
+            )
         }
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 /// `expires_in` values above this are milliseconds (older IMS endpoints), not seconds.
 pub const MILLIS_THRESHOLD: u64 = 864_000;
 
+/// The longest lifetime believed (IMS issues about 24 h).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A token as IMS issued it.
 #[derive(Debug)]
 pub struct IssuedToken {
@@ -250,6 +253,9 @@ pub fn parse_answer(status: u16, body: &[u8]) -> Result<IssuedToken, FetchError>
     } else {
         Duration::from_secs(raw)
     };
+    // A lifetime beyond any real token's is treated as the longest we believe, so the
+    // token is still refreshed and its expiry stays printable.
+    let lifetime = lifetime.min(MAX_LIFETIME);
     if lifetime.is_zero() {
         return Err(bad("expires_in is zero"));
     }
@@ -279,6 +285,12 @@ mod tests {
         assert_eq!(t.lifetime, Duration::from_millis(86_399_000));
         let t = parse_answer(200, br#"{"access_token":"tok","expires_in":"3600"}"#).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_capped() {
+        let t = parse_answer(200, br#"{"access_token":"t","expires_in":1e15}"#).unwrap();
+        assert_eq!(t.lifetime, MAX_LIFETIME);
     }
 
     #[test]

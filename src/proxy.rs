@@ -399,6 +399,7 @@ async fn admit(
     let access = &snap.access;
     let form = is_form(&parts.headers);
     let max = snap.config.server.max_scrub_body_bytes;
+    let header_timeout = snap.config.server.header_read_timeout;
     let refused = |r: Refusal| {
         let reason = if r == Refusal::Missing {
             "missing"
@@ -420,15 +421,17 @@ async fn admit(
             parts.uri.query(),
         )) {
             Ok(c) => c,
-            // A wrong key is refused at once; only a form request with no key at all
-            // has its body read, since a legacy client may carry the key only there.
-            Err(r) if !form || r == Refusal::Invalid => return Err(refused(r)),
+            // A wrong header key with `Expect: 100-continue` is refused before the body is
+            // invited; otherwise a form body may still carry the key (any candidate admits).
+            Err(r) if !form || (r == Refusal::Invalid && expects_continue(&parts.headers)) => {
+                return Err(refused(r))
+            }
             Err(r) => {
                 // A legacy client may carry its key only in the form body.
                 let Some(b) = body.take() else {
                     return Err(refused(r));
                 };
-                let bytes = read_form(parts, b, max).await?;
+                let bytes = read_form(parts, b, max, header_timeout).await?;
                 let c = access
                     .first_match(&form_candidates(&bytes))
                     .map_err(refused)?;
@@ -454,12 +457,20 @@ async fn admit(
     }
     let held = match (form_bytes, body) {
         (Some(bytes), _) => Held::Form(scrub(&bytes)?),
-        (None, Some(b)) if form => Held::Form(scrub(&read_form(parts, b, max).await?)?),
+        (None, Some(b)) if form => {
+            Held::Form(scrub(&read_form(parts, b, max, header_timeout).await?)?)
+        }
         (None, Some(b)) if b.is_end_stream() => Held::Empty,
         (None, Some(b)) => Held::Stream(b),
         (None, None) => Held::Empty,
     };
     Ok((client, held))
+}
+
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn scrub(form: &[u8]) -> Result<Bytes, ProxyError> {
@@ -468,7 +479,14 @@ fn scrub(form: &[u8]) -> Result<Bytes, ProxyError> {
 }
 
 /// Reads a form body whole, up to `max` bytes (413 beyond, before reading when the length says so).
-async fn read_form(parts: &Parts, body: Incoming, max: u64) -> Result<Bytes, ProxyError> {
+/// The whole body must arrive within `deadline` (the head's limit): a client that
+/// trickles a form body cannot hold a connection and a buffer open for ever.
+async fn read_form(
+    parts: &Parts,
+    body: Incoming,
+    max: u64,
+    deadline: Duration,
+) -> Result<Bytes, ProxyError> {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -487,7 +505,10 @@ async fn read_form(parts: &Parts, body: Incoming, max: u64) -> Result<Bytes, Pro
         ));
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ProxyError::BadRequest("the form body did not arrive in time"))?;
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -846,3 +846,45 @@ async fn a_streaming_response_holds_its_slot_until_the_body_ends() {
     }
     assert!(freed, "the slot was not released when the client went away");
 }
+
+#[tokio::test]
+async fn a_trickled_form_body_is_cut_off() {
+    let h = Harness::with(Setup {
+        server: "header_read_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let addr = h.server.proxy_addr;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /workfront/attask/api/v19.0/proj HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nname"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, std::time::Duration::from_secs(3), |b| {
+        parse_response(b).is_some()
+    })
+    .await;
+    let (r, _) = parse_response(&buf).expect("an answer before the body completed");
+    r.assert_refusal(400, "bad_request");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(h.up().count(), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_header_key_does_not_hide_a_valid_form_key() {
+    let h = Harness::start().await;
+    let r = post(
+        &h.url("/workfront/attask/api/v19.0/proj"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-api-key", "adobe-client-id-not-a-proxy-key"),
+        ],
+        format!("apiKey={KEY}&name=x"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(&h.up().last().unwrap().body[..], b"name=x");
+}

@@ -789,10 +789,10 @@ impl Validator<'_> {
                     ))
                 }
                 (Some(r), burst) => {
-                    if !(r.is_finite() && r > 0.0) {
+                    if !(r.is_finite() && r >= 0.001) {
                         return Err(ConfigError::new(
                             key("rate_per_second"),
-                            "must be a positive number",
+                            "must be a number of at least 0.001 (one request per 1000 s)",
                         ));
                     }
                     let burst = burst.unwrap_or_else(|| r.ceil().max(1.0) as u32);
