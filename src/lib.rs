@@ -7,6 +7,7 @@ pub mod audit;
 pub mod body;
 pub mod check;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod ims;

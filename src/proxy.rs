@@ -3,6 +3,7 @@
 
 use crate::access::{form_candidates, header_and_query_candidates, Client, Refusal};
 use crate::body::{full, streamed, Counted, ProxyBody};
+use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
 use crate::metrics::{status_label, Metrics};
 use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
@@ -19,8 +20,6 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -30,57 +29,6 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static X_GW_IMS_ORG_ID: HeaderName = HeaderName::from_static("x-gw-ims-org-id");
 static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 ims-proxy");
-
-/// What a request knows about its connection.
-pub struct ConnInfo {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// Exchanges in flight on this connection, for the idle timeout.
-    pub active: AtomicUsize,
-    /// Milliseconds since `epoch` when the last exchange ended.
-    pub last_active_ms: AtomicU64,
-    /// Reference point for `last_active_ms`.
-    pub epoch: Instant,
-}
-
-impl ConnInfo {
-    /// A new connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
-        ConnInfo {
-            peer,
-            active: AtomicUsize::new(0),
-            last_active_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-
-    /// How long the connection has had no exchange in flight (zero while one is).
-    pub fn idle_for(&self) -> Duration {
-        if self.active.load(Ordering::SeqCst) > 0 {
-            return Duration::ZERO;
-        }
-        let last = Duration::from_millis(self.last_active_ms.load(Ordering::SeqCst));
-        self.epoch.elapsed().saturating_sub(last)
-    }
-}
-
-/// Marks an exchange in flight on its connection until dropped (with the response body).
-struct ExchangeGuard(Arc<ConnInfo>);
-
-impl ExchangeGuard {
-    fn new(conn: &Arc<ConnInfo>) -> Self {
-        conn.active.fetch_add(1, Ordering::SeqCst);
-        ExchangeGuard(conn.clone())
-    }
-}
-
-impl Drop for ExchangeGuard {
-    fn drop(&mut self) {
-        let ms = self.0.epoch.elapsed().as_millis() as u64;
-        self.0.last_active_ms.store(ms, Ordering::SeqCst);
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 /// Decrements a gauge when dropped.
 struct GaugeGuard(IntGauge);

@@ -4,8 +4,9 @@
 use crate::admin;
 use crate::body::BoxError;
 use crate::config::{Config, TlsFiles};
+use crate::conn::{ConnInfo, Watched};
 use crate::metrics::Metrics;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy;
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -122,11 +123,13 @@ struct ConnSettings {
     grace: Duration,
 }
 
-fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// hyper's own head timer is off: it would also cut idle keep-alive connections
+/// (see `conn`); `serve_connection` enforces `header_read_timeout` instead.
+fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(None)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -173,7 +176,7 @@ pub async fn start_with_metrics(
         .transpose()
         .map_err(StartError::Setup)?;
     let settings = ConnSettings {
-        builder: Arc::new(http_builder(s.header_read_timeout)),
+        builder: Arc::new(http_builder()),
         tls,
         idle_timeout: s.idle_timeout,
         header_read_timeout: s.header_read_timeout,
@@ -296,11 +299,14 @@ async fn serve_connection<I, F, Fut, B>(
 {
     let c = conn.clone();
     let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
-    let connection = settings.builder.serve_connection(TokioIo::new(io), service);
+    let connection = settings
+        .builder
+        .serve_connection(TokioIo::new(Watched::new(io, conn.clone())), service);
     tokio::pin!(connection);
-    let idle = settings.idle_timeout;
-    let mut tick =
-        tokio::time::interval((idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
+    let (idle, head_limit) = (settings.idle_timeout, settings.header_read_timeout);
+    let mut tick = tokio::time::interval(
+        (idle.min(head_limit) / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = *shutdown.borrow();
     if draining {
@@ -318,8 +324,13 @@ async fn serve_connection<I, F, Fut, B>(
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = tick.tick(), if !draining => {
-                if conn.idle_for() >= idle {
+            _ = tick.tick() => {
+                if conn.head_overdue(head_limit) {
+                    // Slowloris: a head trickled in past its limit; drop the connection.
+                    tracing::debug!(peer = %conn.peer, "request head not complete within header_read_timeout; closing");
+                    break;
+                }
+                if !draining && conn.idle_for() >= idle {
                     tracing::debug!(peer = %conn.peer, "closing idle connection");
                     draining = true;
                     connection.as_mut().graceful_shutdown();

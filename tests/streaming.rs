@@ -449,3 +449,30 @@ async fn slowloris_is_cut_off() {
     let r = normal.await.unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
+
+#[tokio::test]
+async fn keep_alive_outlives_the_header_timeout_until_idle_timeout() {
+    // Pooled clients keep idle connections for long; the head limit must not cut them.
+    let h = Harness::with(Setup {
+        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let mut s = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    let request =
+        format!("GET /workfront/status/204 HTTP/1.1\r\nHost: x\r\nx-proxy-key: {KEY}\r\n\r\n");
+    for round in 0..2 {
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 204"),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+}

@@ -1,0 +1,176 @@
+//! What the server knows about one client connection: exchanges in flight,
+//! when the last one ended, and whether a request head is being trickled in.
+//!
+//! hyper's own HTTP/1 `header_read_timeout` also runs while a keep-alive
+//! connection waits idle for its next request, which would cut pooled client
+//! connections at the header limit instead of `idle_timeout`; so the server
+//! enforces the head limit itself, from the bytes it sees arrive.
+
+use pin_project_lite::pin_project;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+const UNKNOWN: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
+
+/// One client connection's state, shared by its requests and its driver.
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    active: AtomicUsize,
+    /// Milliseconds since `epoch` when the last exchange ended.
+    last_active_ms: AtomicU64,
+    /// Milliseconds since `epoch` + 1 when the first byte of a pending HTTP/1 head arrived (0: none).
+    head_started_ms: AtomicU64,
+    protocol: AtomicU8,
+    epoch: Instant,
+}
+
+impl ConnInfo {
+    /// A new connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        ConnInfo {
+            peer,
+            active: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            protocol: AtomicU8::new(UNKNOWN),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// How long the connection has had no exchange in flight (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_active_ms.load(Ordering::SeqCst)),
+        )
+    }
+
+    /// True when an HTTP/1 request head started arriving more than `limit` ago and is still incomplete.
+    pub fn head_overdue(&self, limit: Duration) -> bool {
+        let started = self.head_started_ms.load(Ordering::SeqCst);
+        started != 0
+            && self.active.load(Ordering::SeqCst) == 0
+            && Duration::from_millis(self.now_ms().saturating_sub(started - 1)) > limit
+    }
+
+    fn saw_bytes(&self, bytes: &[u8]) {
+        let mut protocol = self.protocol.load(Ordering::Relaxed);
+        if protocol == UNKNOWN {
+            // HTTP/2 opens with its preface; its frames are never request heads to time.
+            protocol = if bytes.starts_with(b"PRI * HTTP/2.0") {
+                HTTP2
+            } else {
+                HTTP1
+            };
+            self.protocol.store(protocol, Ordering::Relaxed);
+        }
+        if protocol == HTTP1 && self.active.load(Ordering::SeqCst) == 0 {
+            let _ = self.head_started_ms.compare_exchange(
+                0,
+                self.now_ms() + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+}
+
+/// Marks an exchange in flight on its connection until dropped (with the response body).
+pub struct ExchangeGuard(Arc<ConnInfo>);
+
+impl ExchangeGuard {
+    /// A request head is complete and its exchange begins.
+    pub fn new(conn: &Arc<ConnInfo>) -> Self {
+        conn.active.fetch_add(1, Ordering::SeqCst);
+        conn.head_started_ms.store(0, Ordering::SeqCst);
+        ExchangeGuard(conn.clone())
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        self.0
+            .last_active_ms
+            .store(self.0.now_ms(), Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pin_project! {
+    /// The connection's byte stream, reporting what it reads to its `ConnInfo`.
+    pub struct Watched<I> {
+        #[pin]
+        io: I,
+        conn: Arc<ConnInfo>,
+    }
+}
+
+impl<I> Watched<I> {
+    /// Wraps `io` for `conn`.
+    pub fn new(io: I, conn: Arc<ConnInfo>) -> Self {
+        Watched { io, conn }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.conn.saw_bytes(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
