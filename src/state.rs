@@ -50,8 +50,8 @@ pub struct Snapshot {
     pub credentials: HashMap<String, Arc<CredentialRuntime>>,
     /// Pooled upstream client.
     pub upstream: UpstreamClient,
-    /// IMS client.
-    pub ims: ImsClient,
+    /// The IMS client every token manager of this snapshot fetches through.
+    pub ims: Arc<ArcSwap<ImsClient>>,
 }
 
 /// State shared by every connection: the swapped snapshot and the metrics.
@@ -111,7 +111,10 @@ impl Shared {
         config_path: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Shared>, String> {
-        let ims = ImsClient::new(&config.outbound, config.ims.request_timeout)?;
+        let ims = Arc::new(ArcSwap::from_pointee(ImsClient::new(
+            &config.outbound,
+            config.ims.request_timeout,
+        )?));
         let upstream = upstream::build(&config.outbound)?;
         let mut managers = HashMap::new();
         for (name, c) in &config.credentials {
@@ -183,23 +186,42 @@ impl Shared {
             warnings
                 .push("listen addresses cannot change on reload; restart to move them".to_string());
         }
+        let (new_server, old_server) = (&config.server, &old.config.server);
+        if (
+            new_server.header_read_timeout,
+            new_server.idle_timeout,
+            new_server.shutdown_grace,
+        ) != (
+            old_server.header_read_timeout,
+            old_server.idle_timeout,
+            old_server.shutdown_grace,
+        ) {
+            warnings.push("server.header_read_timeout, idle_timeout and shutdown_grace take effect on restart".to_string());
+        }
         if config.server.audit_log != old.config.server.audit_log {
             warnings.push("server.audit_log changed; it takes effect on restart".to_string());
         }
         if config.server.tls != old.config.server.tls {
             warnings.push("TLS files changed; they take effect on restart".to_string());
         }
-        // A new egress path (proxy, CA, timeout) must prove itself: every credential
-        // then fetches a token through it before the new configuration is used.
-        let same_egress = config.outbound == old.config.outbound
-            && config.ims.request_timeout == old.config.ims.request_timeout;
-        let ims = if same_egress {
-            old.ims.clone()
-        } else {
-            match ImsClient::new(&config.outbound, config.ims.request_timeout) {
-                Ok(c) => c,
-                Err(e) => return self.record(ReloadReport::failed(e)),
-            }
+        // A new egress path (proxy, CA) must prove itself: every credential then
+        // fetches a token through it before the new configuration is used.
+        let same_egress = config.outbound.proxy == old.config.outbound.proxy
+            && config.outbound.ca_file == old.config.outbound.ca_file;
+        let new_client =
+            if same_egress && config.ims.request_timeout == old.config.ims.request_timeout {
+                None
+            } else {
+                match ImsClient::new(&config.outbound, config.ims.request_timeout) {
+                    Ok(c) => Some(c),
+                    Err(e) => return self.record(ReloadReport::failed(e)),
+                }
+            };
+        // Kept managers share the old cell (it gets the new client once the reload is
+        // in); a new egress path gets a cell of its own, used only by new managers.
+        let ims = match (&new_client, same_egress) {
+            (Some(c), false) => Arc::new(ArcSwap::from_pointee(c.clone())),
+            _ => old.ims.clone(),
         };
         let upstream = if config.outbound == old.config.outbound {
             old.upstream.clone()
@@ -266,6 +288,9 @@ impl Shared {
                         c.manager.set_timing(new_timing);
                     }
                 }
+                if let (Some(client), true) = (new_client, same_egress) {
+                    s.ims.store(Arc::new(client));
+                }
                 self.snapshot.store(Arc::new(s));
                 self.record(ReloadReport {
                     result: "ok",
@@ -305,7 +330,7 @@ fn build_snapshot(
     managers: HashMap<String, Arc<TokenManager>>,
     previous: Option<&Snapshot>,
     upstream: UpstreamClient,
-    ims: ImsClient,
+    ims: Arc<ArcSwap<ImsClient>>,
 ) -> Result<Snapshot, String> {
     let router = Router::new(&config.routes, metrics)?;
     // Chargeback series start at zero for every client that may use a route.

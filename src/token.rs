@@ -71,10 +71,10 @@ pub trait TokenSource: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, FetchError>> + Send + '_>>;
 }
 
-/// The real source: IMS over HTTPS.
+/// The real source: IMS over HTTPS, through the snapshot's current IMS client.
 pub struct ImsSource {
-    /// Shared HTTP client.
-    pub client: ImsClient,
+    /// Shared HTTP client cell (replaced when `[ims]`/`[outbound]` settings change).
+    pub client: Arc<arc_swap::ArcSwap<ImsClient>>,
     /// The credential to fetch for.
     pub credential: CredentialConfig,
 }
@@ -90,7 +90,7 @@ impl TokenSource for ImsSource {
     ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, FetchError>> + Send + '_>> {
         Box::pin(async move {
             match self.credential.secrets.get(secret) {
-                Some(s) => self.client.fetch(&self.credential, s).await,
+                Some(s) => self.client.load_full().fetch(&self.credential, s).await,
                 None => Err(FetchError {
                     kind: FetchErrorKind::InvalidRequest,
                     message: "no such secret".into(),

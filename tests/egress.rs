@@ -144,3 +144,33 @@ async fn reload_onto_an_unusable_egress_path_is_refused() {
         "the old configuration keeps serving"
     );
 }
+
+#[tokio::test]
+async fn timeout_changes_on_reload_keep_every_token() {
+    let h = Harness::start().await;
+    h.ready().await;
+    let calls = h.ims().calls();
+    let text = h
+        .config_text
+        .replace("request_timeout = \"3s\"", "request_timeout = \"4s\"")
+        .replace("[outbound]\n", "[outbound]\npool_idle_timeout = \"30s\"\n");
+    let config = ims_proxy::config::Config::parse(
+        &text,
+        std::path::Path::new("."),
+        &std::collections::HashMap::new(),
+    )
+    .unwrap();
+    let report = h.server.shared.apply(config).await;
+    assert_eq!(
+        (report.result, report.kept.len(), report.renewed.len()),
+        ("ok", 2, 0),
+        "{report:?}"
+    );
+    assert_eq!(h.ims().calls(), calls, "no token was fetched again");
+    assert_eq!(
+        get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        200
+    );
+}

@@ -246,7 +246,7 @@ impl Config {
                 (".", None) => "config".to_string(),
                 _ => key,
             };
-            ConfigError::new(key, inner.message().trim().replace('\n', " "))
+            ConfigError::new(key, hide_values(inner.message().trim()).replace('\n', " "))
         })?;
         Validator { base_dir, env }.validate(raw)
     }
@@ -420,7 +420,7 @@ impl Validator<'_> {
 
     fn ims(&self, s: &raw::RawIms) -> Result<ImsConfig, ConfigError> {
         let token_url = match &s.token_url {
-            Some(u) => self.url("ims.token_url", u)?,
+            Some(u) => self.url("ims.token_url", u, false)?,
             None => DEFAULT_TOKEN_URL.to_string(),
         };
         Ok(ImsConfig {
@@ -440,7 +440,7 @@ impl Validator<'_> {
 
     fn outbound(&self, s: &raw::RawOutbound) -> Result<OutboundConfig, ConfigError> {
         let proxy = match &s.proxy {
-            Some(p) => Some(self.url("outbound.proxy", p)?),
+            Some(p) => Some(self.url("outbound.proxy", p, true)?),
             None => None,
         };
         let ca_file = s.ca_file.as_ref().map(|p| self.path(p));
@@ -463,22 +463,27 @@ impl Validator<'_> {
         })
     }
 
-    fn url(&self, key: &str, value: &str) -> Result<String, ConfigError> {
-        let value = self.expand(key, value)?;
+    /// An http(s) URL. Errors quote the value as written (before `${VAR}`
+    /// expansion), so an expanded secret never reaches `check` or the logs.
+    fn url(&self, key: &str, written: &str, allow_userinfo: bool) -> Result<String, ConfigError> {
+        let value = self.expand(key, written)?;
         let uri: Uri = value
             .parse()
-            .map_err(|_| ConfigError::new(key, format!("{value:?} is not a URL")))?;
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => {
-                return Err(ConfigError::new(
-                    key,
-                    format!("{value:?} must start with http:// or https://"),
-                ))
-            }
+            .map_err(|_| ConfigError::new(key, format!("{written:?} is not a URL")))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            return Err(ConfigError::new(
+                key,
+                format!("{written:?} must start with http:// or https://"),
+            ));
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(ConfigError::new(key, format!("{value:?} has no host")));
+            return Err(ConfigError::new(key, format!("{written:?} has no host")));
+        }
+        if !allow_userinfo && uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(ConfigError::new(
+                key,
+                "must not carry user:password (it would be sent as the Host)",
+            ));
         }
         Ok(value)
     }
@@ -584,7 +589,7 @@ impl Validator<'_> {
             scopes,
             org_id,
             token_url: match &c.token_url {
-                Some(u) => self.url(&key("token_url"), u)?,
+                Some(u) => self.url(&key("token_url"), u, false)?,
                 None => ims.token_url.clone(),
             },
             max_in_flight: c.max_in_flight,
@@ -627,7 +632,7 @@ impl Validator<'_> {
             .upstream
             .as_ref()
             .ok_or_else(|| ConfigError::new(key("upstream"), "is required"))?;
-        let upstream = self.url(&key("upstream"), upstream)?;
+        let upstream = self.url(&key("upstream"), upstream, false)?;
         let uri: Uri = upstream
             .parse()
             .map_err(|_| ConfigError::new(key("upstream"), "is not a URL"))?;
@@ -826,6 +831,26 @@ impl Validator<'_> {
             keys,
         })
     }
+}
+
+/// Replaces every double-quoted value in a parser message with `"…"`: a secret
+/// written where a list was expected must not be echoed back.
+fn hide_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…");
+            } else {
+                out.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Canonical prefix: starts with `/`, no trailing `/` (except `/`), no dot segments, no query.

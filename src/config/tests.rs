@@ -216,3 +216,42 @@ fn shipped_example_config_is_valid() {
         .scopes
         .contains(&"ff_apis".to_string()));
 }
+
+#[test]
+fn parser_errors_never_echo_a_value() {
+    let text = base().replace(
+        "client_secret = \"${WF_SECRET}\"",
+        "client_secrets = \"LiteralS3cret\"",
+    );
+    let e = err(&text);
+    assert!(
+        e.starts_with("credentials.workfront.client_secrets:"),
+        "{e}"
+    );
+    assert!(!e.contains("LiteralS3cret"), "{e}");
+}
+
+#[test]
+fn url_errors_quote_the_value_as_written_not_expanded() {
+    let mut env = env();
+    env.insert("PROXY_PASS".into(), "hunter2".into());
+    let text = format!(
+        "[outbound]\nproxy = \"ftp://u:${{PROXY_PASS}}@proxy\"\n{}",
+        base()
+    );
+    let e = Config::parse(&text, Path::new("."), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("outbound.proxy:") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = err(&base().replace(
+        "https://acme.my.workfront.com/base/",
+        "https://user:pw@acme.my.workfront.com",
+    ));
+    assert!(
+        e.starts_with("routes[0].upstream:") && e.contains("user:password"),
+        "{e}"
+    );
+}
