@@ -120,13 +120,7 @@ async fn reload_onto_an_unusable_egress_path_is_refused() {
         "[outbound]\n",
         "[outbound]\nproxy = \"http://127.0.0.1:1\"\n",
     );
-    let config = ims_proxy::config::Config::parse(
-        &text,
-        std::path::Path::new("."),
-        &std::collections::HashMap::new(),
-    )
-    .unwrap();
-    let report = h.server.shared.apply(config).await;
+    let report = h.apply(&text).await;
     assert_eq!(report.result, "error", "{report:?}");
     assert!(
         report
@@ -154,13 +148,7 @@ async fn timeout_changes_on_reload_keep_every_token() {
         .config_text
         .replace("request_timeout = \"3s\"", "request_timeout = \"4s\"")
         .replace("[outbound]\n", "[outbound]\npool_idle_timeout = \"30s\"\n");
-    let config = ims_proxy::config::Config::parse(
-        &text,
-        std::path::Path::new("."),
-        &std::collections::HashMap::new(),
-    )
-    .unwrap();
-    let report = h.server.shared.apply(config).await;
+    let report = h.apply(&text).await;
     assert_eq!(
         (report.result, report.kept.len(), report.renewed.len()),
         ("ok", 2, 0),

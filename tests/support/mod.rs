@@ -260,6 +260,12 @@ impl Harness {
         format!("http://{}{}", self.server.admin_addr, path)
     }
 
+    /// Applies config text to the running proxy, as a reload would.
+    pub async fn apply(&self, text: &str) -> ims_proxy::state::ReloadReport {
+        let config = Config::parse(text, Path::new("."), &HashMap::new()).expect("config is valid");
+        self.server.shared.apply(config).await
+    }
+
     /// Waits until every credential holds a token (bounded).
     pub async fn ready(&self) {
         for _ in 0..200 {
