@@ -386,6 +386,16 @@ impl Running {
 
 /// Starts `ims-proxy run` against the simulators and waits until `/readyz` says 200.
 async fn start_run(ims: &SimIms, upstream: &SimUpstream, rust_log: &str) -> Running {
+    start_run_with(ims, upstream, rust_log, &[]).await
+}
+
+/// Like `start_run`, with global flags (e.g. `--log-format json`) before `run`.
+async fn start_run_with(
+    ims: &SimIms,
+    upstream: &SimUpstream,
+    rust_log: &str,
+    flags: &[&str],
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -399,7 +409,8 @@ async fn start_run(ims: &SimIms, upstream: &SimUpstream, rust_log: &str) -> Runn
     let stderr_path = dir.path().join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).unwrap();
     let mut cmd = bin();
-    cmd.arg("run")
+    cmd.args(flags)
+        .arg("run")
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", rust_log)
@@ -718,4 +729,37 @@ fn run_without_a_config_fails_with_a_message() {
         "{}",
         o.all()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let (ims, upstream) = simulators().await;
+    let r = start_run_with(&ims, &upstream, "info", &["--log-format", "json"]).await;
+    let reply = get(
+        &r.url("/workfront/attask/api/v19.0/proj/search?apiKey=zzz"),
+        &[("x-proxy-key", KEY)],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let (status, stderr) = terminate(r).await;
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let access = lines
+        .iter()
+        .find(|v| v["target"] == "ims_proxy::access")
+        .unwrap_or_else(|| panic!("no access line in {stderr}"));
+    assert_eq!(access["client"], "etl");
+    assert_eq!(access["route"], "workfront");
+    assert_eq!(access["status"], 200);
+    assert_eq!(
+        access["path"],
+        "/workfront/attask/api/v19.0/proj/search?apiKey=[redacted]"
+    );
+    assert!(access["request_id"]
+        .as_str()
+        .is_some_and(|id| id.len() == 32));
 }
