@@ -187,6 +187,22 @@ impl Metrics {
         m
     }
 
+    /// Drops a removed credential's series, so it does not linger as "expired".
+    pub fn forget_credential(&self, name: &str) {
+        let _ = self.token_expiry.remove_label_values(&[name]);
+        let _ = self.token_forced_refreshes.remove_label_values(&[name]);
+        let _ = self.token_fetch_duration.remove_label_values(&[name]);
+        let _ = self.queued.remove_label_values(&[name]);
+        for result in ["ok", "error"] {
+            let _ = self.token_refreshes.remove_label_values(&[name, result]);
+        }
+        for kind in crate::ims::FetchErrorKind::ALL {
+            let _ = self
+                .token_fetch_errors
+                .remove_label_values(&[name, kind.label()]);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -269,12 +269,16 @@ impl Shared {
                     .get(&name)
                     .and_then(|m| m.report().last_error)
                     .unwrap_or_else(|| "timed out".into());
+                // Candidate managers may have published their tokens' expiry: the running ones' counts.
+                for c in old.credentials.values() {
+                    c.manager.publish_expiry();
+                }
                 return self.record(ReloadReport::failed(format!(
                     "credentials.{name}: cannot get a token: {why}"
                 )));
             }
         }
-        let removed = old
+        let removed: Vec<String> = old
             .credentials
             .keys()
             .filter(|n| !config.credentials.contains_key(*n))
@@ -292,6 +296,9 @@ impl Shared {
                     s.ims.store(Arc::new(client));
                 }
                 self.snapshot.store(Arc::new(s));
+                for name in &removed {
+                    self.metrics.forget_credential(name);
+                }
                 self.record(ReloadReport {
                     result: "ok",
                     error: None,
@@ -301,7 +308,12 @@ impl Shared {
                     warnings,
                 })
             }
-            Err(e) => self.record(ReloadReport::failed(e)),
+            Err(e) => {
+                for c in old.credentials.values() {
+                    c.manager.publish_expiry();
+                }
+                self.record(ReloadReport::failed(e))
+            }
         }
     }
 

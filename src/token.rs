@@ -236,6 +236,13 @@ impl TokenManager {
         self.inner.wake.notify_one();
     }
 
+    /// Sets the expiry gauge from the token held now (after a failed reload's candidates overwrote it).
+    pub fn publish_expiry(&self) {
+        if let Some(t) = self.inner.current.load_full() {
+            self.inner.publish_expiry(&t);
+        }
+    }
+
     /// The credential's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -487,6 +494,18 @@ impl Inner {
         Err(())
     }
 
+    fn publish_expiry(&self, token: &Token) {
+        let unix = token
+            .expires_at_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.metrics
+            .token_expiry
+            .with_label_values(&[&self.name])
+            .set(unix);
+    }
+
     fn install(&self, issued: IssuedToken, requested_at: Instant) {
         // Count the lifetime from when we asked, so transit time never extends it.
         let expires_at = requested_at + issued.lifetime;
@@ -506,14 +525,8 @@ impl Inner {
             lifetime: issued.lifetime,
             generation,
         };
-        let unix = wall
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.metrics
-            .token_expiry
-            .with_label_values(&[&self.name])
-            .set(unix);
+        self.publish_expiry(&token);
+
         self.metrics
             .token_refreshes
             .with_label_values(&[&self.name, "ok"])

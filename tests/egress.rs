@@ -162,3 +162,43 @@ async fn timeout_changes_on_reload_keep_every_token() {
         200
     );
 }
+
+fn expiry_gauge(metrics: &str, credential: &str) -> String {
+    let prefix =
+        format!("ims_proxy_token_expiry_timestamp_seconds{{credential=\"{credential}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_failed_reload_leaves_the_running_tokens_metrics() {
+    let h = Harness::start().await;
+    h.ready().await;
+    let before = expiry_gauge(&get(&h.admin("/metrics"), &[]).await.text(), "workfront");
+    assert!(!before.is_empty());
+    // workfront gets a new secret IMS knows (its candidate fetches a token with another
+    // lifetime); fusion gets one IMS does not know, so the reload as a whole fails.
+    h.ims().add_client(CLIENT_ID, "second-secret");
+    h.ims().set_expires_in(1000);
+    let text = h
+        .config_text
+        .replacen(
+            &format!("client_secret = \"{SECRET}\""),
+            "client_secret = \"second-secret\"",
+            1,
+        )
+        .replace(
+            "client_secret = \"fusion-secret\"",
+            "client_secret = \"unknown\"",
+        );
+    let report = h.apply(&text).await;
+    assert_eq!(report.result, "error", "{report:?}");
+    let after = expiry_gauge(&get(&h.admin("/metrics"), &[]).await.text(), "workfront");
+    assert_eq!(
+        after, before,
+        "the gauge describes the token in use, not the discarded candidate's"
+    );
+}
