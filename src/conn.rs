@@ -17,9 +17,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-const UNKNOWN: u8 = 0;
-const HTTP1: u8 = 1;
-const HTTP2: u8 = 2;
+/// The HTTP/2 connection preface, up to where it differs from every HTTP/1 method.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// `protocol` values: bytes of the preface matched so far, then one of these.
+const HTTP1: u8 = 0xF1;
+const HTTP2: u8 = 0xF2;
 
 /// One client connection's state, shared by its requests and its driver.
 pub struct ConnInfo {
@@ -42,7 +44,7 @@ impl ConnInfo {
             active: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
-            protocol: AtomicU8::new(UNKNOWN),
+            protocol: AtomicU8::new(0),
             epoch: Instant::now(),
         }
     }
@@ -72,12 +74,17 @@ impl ConnInfo {
 
     fn saw_bytes(&self, bytes: &[u8]) {
         let mut protocol = self.protocol.load(Ordering::Relaxed);
-        if protocol == UNKNOWN {
-            // HTTP/2 opens with its preface; its frames are never request heads to time.
-            protocol = if bytes.starts_with(b"PRI * HTTP/2.0") {
+        if protocol != HTTP1 && protocol != HTTP2 {
+            // HTTP/2 opens with its preface (possibly split across reads); its frames are
+            // never request heads to time. Anything else is HTTP/1.
+            let matched = usize::from(protocol);
+            let take = bytes.len().min(H2_PREFACE.len() - matched);
+            protocol = if bytes[..take] != H2_PREFACE[matched..matched + take] {
+                HTTP1
+            } else if matched + take == H2_PREFACE.len() {
                 HTTP2
             } else {
-                HTTP1
+                (matched + take) as u8
             };
             self.protocol.store(protocol, Ordering::Relaxed);
         }
@@ -172,5 +179,52 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> ConnInfo {
+        ConnInfo::new("127.0.0.1:1".parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_head_is_timed_from_its_first_byte() {
+        let c = conn();
+        c.saw_bytes(b"POST /x HT");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(c.head_overdue(Duration::from_millis(200)));
+        assert!(!c.head_overdue(Duration::from_millis(400)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_is_never_head_timed_even_when_its_preface_comes_in_pieces() {
+        let c = conn();
+        for piece in [
+            &b"PR"[..],
+            b"I * HT",
+            b"TP/2.0\r\n\r\nSM\r\n\r\n",
+            b"\x00\x00\x12\x04",
+        ] {
+            c.saw_bytes(piece);
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!c.head_overdue(Duration::from_millis(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completed_head_stops_the_timer() {
+        let c = Arc::new(conn());
+        c.saw_bytes(b"GET / HTTP/1.1\r\n\r\n");
+        let exchange = ExchangeGuard::new(&c);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!c.head_overdue(Duration::from_millis(1)));
+        drop(exchange);
+        assert!(
+            !c.head_overdue(Duration::from_millis(1)),
+            "no new head has started"
+        );
     }
 }
