@@ -43,7 +43,8 @@ impl ConnInfo {
             peer,
             active: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
-            head_started_ms: AtomicU64::new(0),
+            // The first head is timed from the accept: a silent client is cut off too.
+            head_started_ms: AtomicU64::new(1),
             protocol: AtomicU8::new(0),
             epoch: Instant::now(),
         }
@@ -87,6 +88,13 @@ impl ConnInfo {
                 (matched + take) as u8
             };
             self.protocol.store(protocol, Ordering::Relaxed);
+            if protocol == HTTP2 {
+                self.head_started_ms.store(0, Ordering::SeqCst);
+            }
+        }
+        // Stray CRLF between keep-alive requests (RFC 9112 §2.2) starts no head.
+        if bytes.iter().all(|b| *b == b'\r' || *b == b'\n') {
+            return;
         }
         if protocol == HTTP1 && self.active.load(Ordering::SeqCst) == 0 {
             let _ = self.head_started_ms.compare_exchange(
@@ -191,8 +199,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn http1_head_is_timed_from_its_first_byte() {
+    async fn a_silent_connection_is_timed_from_the_accept() {
         let c = conn();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(c.head_overdue(Duration::from_millis(200)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stray_crlf_after_an_exchange_starts_no_head() {
+        let c = Arc::new(conn());
+        c.saw_bytes(b"GET / HTTP/1.1\r\n\r\n");
+        drop(ExchangeGuard::new(&c));
+        c.saw_bytes(b"\r\n");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!c.head_overdue(Duration::from_millis(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_head_is_timed_from_its_first_byte() {
+        let c = Arc::new(conn());
+        drop(ExchangeGuard::new(&c));
         c.saw_bytes(b"POST /x HT");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(c.head_overdue(Duration::from_millis(200)));

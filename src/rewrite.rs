@@ -97,8 +97,16 @@ fn folds_to(name: &[u8], target: &str) -> bool {
     if name.is_ascii() {
         return name.eq_ignore_ascii_case(target.as_bytes());
     }
+    // Per character, as Java's equalsIgnoreCase compares: each character, or the first
+    // character of its upper- or lower-case mapping, must match (fail closed: scrubbing
+    // one parameter too many is harmless, one too few is not).
     let text = String::from_utf8_lossy(name);
-    text.to_lowercase() == target || text.to_uppercase().eq_ignore_ascii_case(target)
+    text.chars().count() == target.len()
+        && text.chars().zip(target.chars()).all(|(c, t)| {
+            c.eq_ignore_ascii_case(&t)
+                || c.to_lowercase().next() == Some(t)
+                || c.to_uppercase().next().map(|u| u.to_ascii_lowercase()) == Some(t)
+        })
 }
 
 fn is_credential_name(name: &[u8]) -> bool {

@@ -3,14 +3,16 @@
 
 use crate::admin;
 use crate::body::BoxError;
+use crate::body::{Counted, ProxyBody};
 use crate::config::{Config, TlsFiles};
-use crate::conn::{ConnInfo, Watched};
+use crate::conn::{ConnInfo, ExchangeGuard, Watched};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -205,7 +207,16 @@ pub async fn start_with_metrics(
     let admin_task = tokio::spawn(accept_loop(
         admin_listener,
         admin_settings,
-        move |_conn, req| admin::handle(sh.clone(), req),
+        move |conn, req| {
+            // Admin exchanges count as activity too: the head timer and idle limit see them.
+            let (sh, exchange) = (sh.clone(), ExchangeGuard::new(&conn));
+            async move {
+                let resp = admin::handle(sh, req).await?;
+                Ok::<_, Infallible>(resp.map(|b| -> ProxyBody {
+                    Counted::new(Either::Right(b), None).with_guard(exchange)
+                }))
+            }
+        },
         shutdown.subscribe(),
     ));
     tracing::info!(listen = %proxy_addr, admin = %admin_addr, tls = shared.snapshot.load().config.server.tls.is_some(), "ims-proxy serving");

@@ -476,3 +476,44 @@ async fn keep_alive_outlives_the_header_timeout_until_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(900)).await;
     }
 }
+
+#[tokio::test]
+async fn admin_keep_alive_and_silent_clients_follow_the_limits() {
+    let h = Harness::with(Setup {
+        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    // An admin keep-alive connection (a Prometheus scraper) outlives the head limit.
+    let mut admin = TcpStream::connect(h.server.admin_addr).await.unwrap();
+    for round in 0..2 {
+        admin
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(3), admin.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // A client that connects and says nothing is cut at the head limit, not the idle one.
+    let mut silent = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -837,16 +837,23 @@ impl Validator<'_> {
 /// written where a list was expected must not be echoed back.
 fn hide_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut quoted = false;
+    let (mut quoted, mut escaped) = (false, false);
     for c in message.chars() {
-        if c == '"' {
-            if !quoted {
-                out.push_str("\"…");
-            } else {
-                out.push('"');
+        if quoted {
+            // Inside a quoted value: drop everything, honouring `\"` escapes.
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    out.push('"');
+                    quoted = false;
+                }
+                _ => {}
             }
-            quoted = !quoted;
-        } else if !quoted {
+        } else if c == '"' {
+            out.push_str("\"…");
+            quoted = true;
+        } else {
             out.push(c);
         }
     }

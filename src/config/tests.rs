@@ -229,6 +229,12 @@ fn parser_errors_never_echo_a_value() {
         "{e}"
     );
     assert!(!e.contains("LiteralS3cret"), "{e}");
+    let quoted = base().replace(
+        "client_secret = \"${WF_SECRET}\"",
+        r#"client_secrets = "ab\"cd-secret-tail""#,
+    );
+    let e = err(&quoted);
+    assert!(!e.contains("secret-tail") && !e.contains("ab"), "{e}");
 }
 
 #[test]
