@@ -1,7 +1,7 @@
 //! The hot path, in the order a request lives it:
 //! accept → route → admit → rewrite → forward → stream back → record.
 
-use crate::access::{form_candidates, header_and_query_candidates, Client, Refusal};
+use crate::access::{form_candidates, Client, Refusal};
 use crate::body::{full, streamed, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
@@ -364,10 +364,7 @@ async fn admit(
     let client = if !access.needs_key() {
         access.anonymous()
     } else {
-        match access.first_match(&header_and_query_candidates(
-            &parts.headers,
-            parts.uri.query(),
-        )) {
+        match access.admit(&parts.headers, parts.uri.query()) {
             Ok(c) => c,
             // A wrong header key with `Expect: 100-continue` is refused before the body is
             // invited; otherwise a form body may still carry the key (any candidate admits).
@@ -482,15 +479,6 @@ fn hold_back(cred: &CredentialRuntime) -> Result<(), ProxyError> {
     }
 }
 
-/// Decrements the queue gauge even when the waiting request is cancelled.
-struct Queued<'a>(&'a IntGauge);
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A `max_in_flight` slot, waiting in the queue up to `queue_timeout`.
 async fn acquire_slot(
     cred: &CredentialRuntime,
@@ -501,8 +489,8 @@ async fn acquire_slot(
     if let Ok(p) = sem.clone().try_acquire_owned() {
         return Ok(Some(p));
     }
-    cred.queued.inc();
-    let _queued = Queued(&cred.queued);
+    // The gauge comes down even when the waiting request is cancelled.
+    let _queued = GaugeGuard::new(&cred.queued);
     match tokio::time::timeout(cred.config.queue_timeout, sem.clone().acquire_owned()).await {
         Ok(Ok(p)) => Ok(Some(p)),
         _ => Err(ProxyError::Overloaded {

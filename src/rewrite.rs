@@ -4,7 +4,7 @@
 //! every parameter that is not a credential reaches the upstream byte-identical.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue};
+use http::{header, HeaderMap, HeaderName};
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
 
@@ -240,14 +240,10 @@ pub fn redacted_target(path: &str, query: Option<&str>) -> String {
     format!("{path}?{}", parts.join("&"))
 }
 
-/// Sets a header, replacing whatever was there.
-pub fn set(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
-    headers.insert(name, value);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn query_scrub_removes_credentials_in_any_spelling_and_keeps_the_rest_verbatim() {

@@ -88,11 +88,6 @@ impl Router {
             .iter()
             .find(|r| prefix_matches(&r.config.prefix, path))
     }
-
-    /// Every route, longest prefix first.
-    pub fn routes(&self) -> &[Arc<Route>] {
-        &self.routes
-    }
 }
 
 #[cfg(test)]

@@ -116,17 +116,11 @@ impl Shared {
             config.ims.request_timeout,
         )?));
         let upstream = upstream::build(&config.outbound)?;
-        let mut managers = HashMap::new();
-        for (name, c) in &config.credentials {
-            let source = Box::new(ImsSource {
-                client: ims.clone(),
-                credential: c.clone(),
-            });
-            managers.insert(
-                name.clone(),
-                TokenManager::start(name, source, timing(&config), metrics.clone()),
-            );
-        }
+        let managers = config
+            .credentials
+            .iter()
+            .map(|(name, c)| (name.clone(), start_manager(c, &ims, &config, &metrics)))
+            .collect();
         let audit = match &config.server.audit_log {
             Some(path) => Some(
                 AuditLog::open(path)
@@ -174,6 +168,15 @@ impl Shared {
         report
     }
 
+    /// A refused reload: the running snapshot stays, and its tokens' expiry is published
+    /// again (candidate managers may have overwritten it).
+    fn refuse(&self, old: &Snapshot, error: String) -> ReloadReport {
+        for c in old.credentials.values() {
+            c.manager.publish_expiry();
+        }
+        self.record(ReloadReport::failed(error))
+    }
+
     /// Applies a new configuration: unchanged credentials keep their token, changed
     /// ones must get a token first, or nothing changes.
     pub async fn apply(&self, config: Config) -> ReloadReport {
@@ -214,7 +217,7 @@ impl Shared {
             } else {
                 match ImsClient::new(&config.outbound, config.ims.request_timeout) {
                     Ok(c) => Some(c),
-                    Err(e) => return self.record(ReloadReport::failed(e)),
+                    Err(e) => return self.refuse(&old, e),
                 }
             };
         // Kept managers share the old cell (it gets the new client once the reload is
@@ -228,7 +231,7 @@ impl Shared {
         } else {
             match upstream::build(&config.outbound) {
                 Ok(c) => c,
-                Err(e) => return self.record(ReloadReport::failed(e)),
+                Err(e) => return self.refuse(&old, e),
             }
         };
         let (mut kept, mut renewed, mut managers, mut fresh) =
@@ -244,12 +247,7 @@ impl Shared {
                     managers.insert(name.clone(), o.manager.clone());
                 }
                 None => {
-                    let source = Box::new(ImsSource {
-                        client: ims.clone(),
-                        credential: c.clone(),
-                    });
-                    let m =
-                        TokenManager::start(name, source, timing(&config), self.metrics.clone());
+                    let m = start_manager(c, &ims, &config, &self.metrics);
                     renewed.push(name.clone());
                     fresh.push(m.clone());
                     managers.insert(name.clone(), m);
@@ -269,13 +267,10 @@ impl Shared {
                     .get(&name)
                     .and_then(|m| m.report().last_error)
                     .unwrap_or_else(|| "timed out".into());
-                // Candidate managers may have published their tokens' expiry: the running ones' counts.
-                for c in old.credentials.values() {
-                    c.manager.publish_expiry();
-                }
-                return self.record(ReloadReport::failed(format!(
-                    "credentials.{name}: cannot get a token: {why}"
-                )));
+                return self.refuse(
+                    &old,
+                    format!("credentials.{name}: cannot get a token: {why}"),
+                );
             }
         }
         let removed: Vec<String> = old
@@ -308,12 +303,7 @@ impl Shared {
                     warnings,
                 })
             }
-            Err(e) => {
-                for c in old.credentials.values() {
-                    c.manager.publish_expiry();
-                }
-                self.record(ReloadReport::failed(e))
-            }
+            Err(e) => self.refuse(&old, e),
         }
     }
 
@@ -334,6 +324,20 @@ impl Shared {
     pub fn ready(&self) -> bool {
         self.token_reports().iter().all(|r| r.ready)
     }
+}
+
+/// Starts a credential's token manager, fetching through the snapshot's IMS client cell.
+fn start_manager(
+    credential: &CredentialConfig,
+    ims: &Arc<ArcSwap<ImsClient>>,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Arc<TokenManager> {
+    let source = Box::new(ImsSource {
+        client: ims.clone(),
+        credential: credential.clone(),
+    });
+    TokenManager::start(&credential.name, source, timing(config), metrics.clone())
 }
 
 fn build_snapshot(
