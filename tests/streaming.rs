@@ -80,6 +80,19 @@ async fn large_upload_streams_intact() {
     assert!(!seen.headers.contains_key("x-proxy-key"));
 }
 
+/// Reads a body frame by frame (never whole): bytes, largest frame, hex SHA-256.
+async fn drain_hashing(mut body: hyper::body::Incoming) -> (u64, usize, String) {
+    let (mut hasher, mut got, mut largest) = (Sha256::new(), 0u64, 0usize);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("body frame").into_data() {
+            got += data.len() as u64;
+            largest = largest.max(data.len());
+            hasher.update(&data);
+        }
+    }
+    (got, largest, hex::encode(hasher.finalize()))
+}
+
 #[tokio::test]
 async fn large_download_streams_intact() {
     let h = Harness::start().await;
@@ -91,31 +104,17 @@ async fn large_download_streams_intact() {
     let resp = client().request(req).await.expect("download request");
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-length"], n.to_string().as_str());
-    let mut body = resp.into_body();
-    let mut hasher = Sha256::new();
-    let mut got = 0u64;
-    let mut largest_frame = 0usize;
-    let read = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.expect("body frame");
-            if let Ok(data) = frame.into_data() {
-                got += data.len() as u64;
-                largest_frame = largest_frame.max(data.len());
-                hasher.update(&data);
-            }
-        }
-    })
-    .await;
-    assert!(
-        read.is_ok(),
-        "download did not finish in time ({got} bytes)"
-    );
+    let read =
+        tokio::time::timeout(Duration::from_secs(120), drain_hashing(resp.into_body())).await;
+    let Ok((got, largest_frame, digest)) = read else {
+        panic!("download did not finish in time");
+    };
     assert_eq!(got, n);
     assert!(
         largest_frame < 16 * MIB,
         "the body arrived in pieces, not whole ({largest_frame} bytes in one frame)"
     );
-    assert_eq!(hex::encode(hasher.finalize()), pattern_sha256(n));
+    assert_eq!(digest, pattern_sha256(n));
 }
 
 #[tokio::test]
@@ -154,17 +153,9 @@ async fn http2_prior_knowledge_works() {
     let resp = c.request(req).await.expect("h2 download");
     assert_eq!(resp.version(), Version::HTTP_2);
     assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut hasher = Sha256::new();
-    let mut got = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("h2 body frame").into_data() {
-            got += data.len() as u64;
-            hasher.update(&data);
-        }
-    }
+    let (got, _, digest) = drain_hashing(resp.into_body()).await;
     assert_eq!(got, n);
-    assert_eq!(hex::encode(hasher.finalize()), pattern_sha256(n));
+    assert_eq!(digest, pattern_sha256(n));
 
     // Many concurrent requests multiplexed on one explicit h2 connection.
     let tcp = TcpStream::connect(h.server.proxy_addr)
