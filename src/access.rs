@@ -212,18 +212,14 @@ pub fn header_and_query_candidates(headers: &HeaderMap, query: Option<&str>) -> 
         }
     }
     if let Some(q) = query {
-        out.extend(
-            param_values(q.as_bytes(), "apikey")
-                .into_iter()
-                .map(String::into_bytes),
-        );
+        out.extend(api_key_candidates(q.as_bytes()));
     }
     out.retain(|c| !c.is_empty());
     out
 }
 
-/// `apiKey` candidates from a form body.
-pub fn form_candidates(body: &[u8]) -> Vec<Vec<u8>> {
+/// `apiKey` candidates from a query string or a form body (same encoding).
+pub fn api_key_candidates(body: &[u8]) -> Vec<Vec<u8>> {
     param_values(body, "apikey")
         .into_iter()
         .map(String::into_bytes)
@@ -292,7 +288,7 @@ mod tests {
         }
         assert!(a.admit(&HeaderMap::new(), Some("x=1&apiKey=k-123")).is_ok());
         assert_eq!(
-            form_candidates(b"apiKey=k-123&x=1"),
+            api_key_candidates(b"apiKey=k-123&x=1"),
             vec![b"k-123".to_vec()]
         );
     }

@@ -1,7 +1,7 @@
 //! The hot path, in the order a request lives it:
 //! accept → route → admit → rewrite → forward → stream back → record.
 
-use crate::access::{form_candidates, Client, Refusal};
+use crate::access::{api_key_candidates, Client, Refusal};
 use crate::body::{full, streamed, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
@@ -378,7 +378,7 @@ async fn admit(
                 };
                 let bytes = read_form(parts, b, max, header_timeout).await?;
                 let c = access
-                    .first_match(&form_candidates(&bytes))
+                    .first_match(&api_key_candidates(&bytes))
                     .map_err(refused)?;
                 form_bytes = Some(bytes);
                 c
