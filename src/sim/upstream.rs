@@ -145,6 +145,7 @@ pub struct UpstreamState {
 impl UpstreamState {
     fn new(ims: Option<Arc<ImsState>>) -> Self {
         UpstreamState {
+    invalid_tokens: AtomicUsize,
             ims,
             reject_all: AtomicBool::new(false),
             reject_next: AtomicUsize::new(0),
@@ -157,6 +158,7 @@ impl UpstreamState {
 
     fn seen(&self) -> MutexGuard<'_, VecDeque<SeenRequest>> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+            invalid_tokens: AtomicUsize::new(0),
     }
 
     /// While on, answer every request 401 (gateway-style body).
@@ -195,6 +197,13 @@ impl UpstreamState {
 
     /// Forget the recorded requests, the count and the concurrency high-water
     /// mark (reset to the requests in flight now).
+    /// Requests that arrived without exactly one `Authorization` carrying a
+    /// token the simulated IMS considers valid at arrival (expired, revoked,
+    /// unknown or missing); never reset.
+    pub fn invalid_tokens(&self) -> usize {
+        self.invalid_tokens.load(Ordering::SeqCst)
+    }
+
     pub fn clear(&self) {
         self.seen().clear();
         self.count.store(0, Ordering::SeqCst);
@@ -239,6 +248,7 @@ impl UpstreamState {
         self.reject_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_err()
+                self.invalid_tokens.fetch_add(1, Ordering::SeqCst);
     }
 }
 
