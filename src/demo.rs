@@ -107,15 +107,29 @@ impl Demo {
     /// The banner `demo` prints.
     pub fn banner(&self) -> String {
         let mut out = format!(
-            "\nims-proxy demo is running\n  proxy:  http://{}\n  admin:  http://{}\n  client key (demo-team): {}\n\nTry:\n",
-            self.server.proxy_addr, self.server.admin_addr, self.key
+            "\nims-proxy demo is running\n\
+             \x20 proxy:                   http://{}   (routes /workfront and /fusion)\n\
+             \x20 admin:                   http://{}   (/metrics /healthz /readyz /tokens)\n\
+             \x20 simulated IMS:           {}\n\
+             \x20 simulated Workfront API: {}\n\
+             \x20 simulated Fusion API:    {}\n\
+             \x20 client key (demo-team):  {}\n\nTry:\n",
+            self.server.proxy_addr,
+            self.server.admin_addr,
+            self.ims.token_url(),
+            self.workfront.url(),
+            self.fusion.url(),
+            self.key
         );
         for (what, cmd) in self.commands() {
             out.push_str(&format!("\n# {what}\n{cmd}\n"));
         }
         out.push_str(
-            "\nFrom the demo to a real config: copy config/example.toml, fill in your credentials,\n\
-             run `ims-proxy check --config FILE --fetch-tokens`, then `ims-proxy run --config FILE`.\n\
+            "\nFrom the demo to a real config:\n\
+             \x20 1. copy config/example.toml and fill in your credentials (README: Getting credentials)\n\
+             \x20 2. ims-proxy hash-key --generate        # one key per client team; the sha256 line goes in the config\n\
+             \x20 3. ims-proxy check --config FILE --fetch-tokens\n\
+             \x20 4. ims-proxy run --config FILE\n\
              Ctrl-C stops the demo.\n",
         );
         out

@@ -4,6 +4,7 @@
 //! operator never has to guess which line is wrong.
 
 mod env;
+mod locate;
 mod raw;
 
 pub use env::{expand, Env, ProcessEnv};
@@ -21,13 +22,21 @@ use std::time::Duration;
 pub const DEFAULT_TOKEN_URL: &str = "https://ims-na1.adobelogin.com/ims/token/v3";
 
 /// A configuration problem, always naming the key (or the file) it is about.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {message}")]
+///
+/// Displayed as `FILE:LINE: KEY: MESSAGE` when the file and line are known
+/// (`config.toml:31: routes[1].credential: no credential named "fusoin"`),
+/// and as `KEY: MESSAGE` for text parsed without a file.
+#[derive(Debug)]
 pub struct ConfigError {
-    /// The dotted key path, e.g. `routes[1].credential`.
+    /// The dotted key path, e.g. `routes[1].credential`; empty for a syntax
+    /// error, which has a line but no key.
     pub key: String,
-    /// What is wrong with it.
+    /// What is wrong with it (never a value that could be a secret).
     pub message: String,
+    /// The config file, when the text came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line of the key (or of its table when the key is missing).
+    pub line: Option<usize>,
 }
 
 impl ConfigError {
@@ -35,9 +44,30 @@ impl ConfigError {
         ConfigError {
             key: key.into(),
             message: message.into(),
+            file: None,
+            line: None,
         }
     }
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            // Without a file, only a syntax error (no key to name) shows its line.
+            (None, Some(line)) if self.key.is_empty() => write!(f, "line {line}: ")?,
+            (None, _) => {}
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -224,11 +254,15 @@ impl Config {
 
     /// Like [`Config::load`], with `${VAR}` values taken from `env`.
     pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            ..ConfigError::new("", format!("cannot read: {e}"))
         })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::parse(&text, base, env)
+        Self::parse(&text, base, env).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            ..e
+        })
     }
 
     /// Parses TOML text; relative file paths (secret files, TLS, CA) are relative to `base_dir`.
@@ -237,18 +271,27 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            // Syntax errors (duplicate keys, bad quoting) have no path: name the line instead.
-            let key = match (key.as_str(), inner.span()) {
-                (".", Some(span)) => format!(
-                    "line {}",
-                    text[..span.start.min(text.len())].matches('\n').count() + 1
-                ),
+            let line = inner
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            // Syntax errors (duplicate keys, bad quoting) have no path: the line names them.
+            let key = match (key.as_str(), line) {
+                (".", Some(_)) => String::new(),
                 (".", None) => "config".to_string(),
                 _ => key,
             };
-            ConfigError::new(key, hide_values(inner.message().trim()).replace('\n', " "))
+            let line = line.or_else(|| locate::line_of(text, &key));
+            ConfigError {
+                line,
+                ..ConfigError::new(key, hide_values(inner.message().trim()).replace('\n', " "))
+            }
         })?;
-        Validator { base_dir, env }.validate(raw)
+        Validator { base_dir, env }
+            .validate(raw)
+            .map_err(|e| ConfigError {
+                line: locate::line_of(text, &e.key),
+                ..e
+            })
     }
 }
 

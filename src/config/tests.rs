@@ -261,3 +261,108 @@ fn url_errors_quote_the_value_as_written_not_expanded() {
         "{e}"
     );
 }
+
+/// The 1-based line of the first line of `text` containing `needle`.
+fn line_containing(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in the text"))
+}
+
+#[test]
+fn semantic_errors_carry_the_line_of_their_key() {
+    let text = base().replace("credential = \"workfront\"", "credential = \"fusoin\"");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "routes[0].credential");
+    assert_eq!(e.line, Some(line_containing(&text, "fusoin")));
+    // Parsed without a file, the message reads as before: key first.
+    assert!(e.to_string().starts_with("routes[0].credential:"), "{e}");
+}
+
+#[test]
+fn errors_from_a_file_read_file_line_key_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = format!(
+        "{}\n[[routes]]\nname = \"second\"\nprefix = \"/second\"\nupstream = \"https://example.com\"\ncredential = \"nope\"\n",
+        base()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let e = Config::load_with_env(&path, &env()).unwrap_err();
+    let line = line_containing(&text, "\"nope\"");
+    assert_eq!(e.line, Some(line));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:{line}: routes[1].credential: no credential named \"nope\" (known: [\"workfront\"])",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn a_missing_key_is_located_at_its_table() {
+    let text = base().replace("scopes = [\"openid\", \"AdobeID\"]\n", "");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "credentials.workfront.scopes");
+    assert_eq!(
+        e.line,
+        Some(line_containing(&text, "[credentials.workfront]"))
+    );
+}
+
+#[test]
+fn keys_in_the_second_of_an_array_of_tables_and_inline_tables_are_located() {
+    let text = format!(
+        "{}\n[[access.keys]]\nname = \"other\"\nsha256 = \"{KEY}\"\nroutes = [\"workfront\", \"nowhere\"]\n",
+        base()
+    );
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "access.keys[1].routes[1]");
+    assert_eq!(e.line, Some(line_containing(&text, "\"nowhere\"")));
+
+    let text = base().replace("\"x-gw-region\" = \"or2\"", "\"Host\" = \"evil\"");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "routes[0].headers.Host");
+    assert_eq!(e.line, Some(line_containing(&text, "headers = ")));
+}
+
+#[test]
+fn type_errors_and_unknown_keys_carry_the_parser_line() {
+    let text = format!(
+        "{}\n[server]\nidle_timeout = \"1s\"\nlistn = \"x\"\n",
+        base()
+    );
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.line, Some(line_containing(&text, "listn")));
+    assert!(e.to_string().contains("listn"), "{e}");
+}
+
+#[test]
+fn a_dotted_key_at_the_top_level_is_located() {
+    let text = format!("server.idle_timeout = \"soon\"\n{}", base());
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "server.idle_timeout");
+    assert_eq!(e.line, Some(1));
+}
+
+#[test]
+fn located_errors_still_never_echo_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = base().replace(
+        "client_secret = \"${WF_SECRET}\"",
+        "client_secrets = [\"one-S3cret\", \"two-S3cret\", \"three-S3cret\"]",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let e = Config::load_with_env(&path, &env())
+        .unwrap_err()
+        .to_string();
+    let line = line_containing(&text, "client_secrets");
+    assert!(
+        e.contains(&format!(":{line}: credentials.workfront.client_secrets:")),
+        "{e}"
+    );
+    assert!(!e.contains("S3cret"), "{e}");
+}

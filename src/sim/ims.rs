@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
-use super::{json_response, random_hex, serve, ServerHandle, SimBody};
+use super::{json_response, random_hex, serve_on, ServerHandle, SimBody};
 
 /// Path of the token endpoint, as on `ims-na1.adobelogin.com`.
 pub const TOKEN_PATH: &str = "/ims/token/v3";
@@ -39,9 +39,15 @@ impl SimIms {
     /// Bind `127.0.0.1:0` and start serving. No clients are known until
     /// [`ImsState::add_client`] is called.
     pub async fn start() -> std::io::Result<SimIms> {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Like [`SimIms::start`] on a chosen address (a compose service binds
+    /// `0.0.0.0` so the proxy's container can reach it).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<SimIms> {
         let state = Arc::new(ImsState::new());
         let handler_state = Arc::clone(&state);
-        let server = serve(move |req| handle(Arc::clone(&handler_state), req)).await?;
+        let server = serve_on(addr, move |req| handle(Arc::clone(&handler_state), req)).await?;
         Ok(SimIms { state, server })
     }
 

@@ -3,9 +3,12 @@
 //!
 //! Both speak real HTTP/1.1 (and h2c) on `127.0.0.1` with a random port, run in
 //! spawned tokio tasks and stop when their handle is dropped. They back the
-//! `demo` command, the integration tests and the benchmarks.
+//! `demo` command, the integration tests and the benchmarks; [`standalone`]
+//! runs them as processes of their own (`ims-proxy sim-ims`, `sim-upstream`)
+//! for docker compose.
 
 pub mod ims;
+pub mod standalone;
 pub mod upstream;
 
 pub use ims::{ImsState, SimIms, TokenRequest};
@@ -188,13 +191,13 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Bind `127.0.0.1:0` and serve `handler` over HTTP/1.1 and h2c.
-pub(crate) async fn serve<F, Fut>(handler: F) -> std::io::Result<ServerHandle>
+/// Bind `addr` (`127.0.0.1:0` for tests) and serve `handler` over HTTP/1.1 and h2c.
+pub(crate) async fn serve_on<F, Fut>(addr: SocketAddr, handler: F) -> std::io::Result<ServerHandle>
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<SimBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(());
     let accept = tokio::spawn(accept_loop(listener, Arc::new(handler), stop_rx));

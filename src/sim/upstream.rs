@@ -29,7 +29,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::ims::ImsState;
-use super::{json_response, random_hex, serve, ServerHandle, SimBody};
+use super::{json_response, random_hex, serve_on, ServerHandle, SimBody};
 
 /// Download chunk size.
 pub(crate) const CHUNK: usize = 64 * 1024;
@@ -89,9 +89,18 @@ impl SimUpstream {
     /// Bind `127.0.0.1:0` and start serving. With `Some(ims)`, every request
     /// must carry a bearer token that is valid at that IMS.
     pub async fn start(ims: Option<Arc<ImsState>>) -> std::io::Result<SimUpstream> {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)), ims).await
+    }
+
+    /// Like [`SimUpstream::start`] on a chosen address (a compose service
+    /// binds `0.0.0.0` so the proxy's container can reach it).
+    pub async fn bind(
+        addr: SocketAddr,
+        ims: Option<Arc<ImsState>>,
+    ) -> std::io::Result<SimUpstream> {
         let state = Arc::new(UpstreamState::new(ims));
         let handler_state = Arc::clone(&state);
-        let server = serve(move |req| handle(Arc::clone(&handler_state), req)).await?;
+        let server = serve_on(addr, move |req| handle(Arc::clone(&handler_state), req)).await?;
         Ok(SimUpstream { state, server })
     }
 
