@@ -282,6 +282,11 @@ impl Upstream<'_> {
             Err(_) => ("timeout", ProxyError::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
                 tracing::debug!(route = self.route.name(), error = %e, "upstream request failed");
+                if client_body_failed(&e) {
+                    // The client's own body broke (bad chunking, gone mid-upload): its fault,
+                    // not the upstream's, so no upstream error is counted.
+                    return Err(ProxyError::ClientBody);
+                }
                 if e.is_connect() {
                     ("connect", ProxyError::UpstreamUnreachable)
                 } else {
@@ -295,6 +300,23 @@ impl Upstream<'_> {
             .inc();
         Err(err)
     }
+}
+
+/// True when an upstream request failed because the streamed client body did: the
+/// client-side hyper error wraps the server-side one that read the client's bytes.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut hyper_errors = 0;
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if hyper_errors == 0 && !h.is_user() {
+                return false;
+            }
+            hyper_errors += 1;
+        }
+        source = s.source();
+    }
+    hyper_errors >= 2
 }
 
 /// CONNECT, foreign absolute-form targets and dot segments never get further.

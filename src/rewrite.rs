@@ -30,6 +30,41 @@ static CLIENT_CREDENTIALS: [HeaderName; 6] = [
     header::EXPECT,
 ];
 
+/// Headers that claim where the request came from or what it first asked for. The
+/// proxy adds none of them, so any that arrive were written by the client and an
+/// upstream trusting them (IP allow lists, path overrides) would be misled.
+const CLIENT_CLAIMS: [&str; 8] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+];
+
+/// Prefix of the de-facto `X-Forwarded-For`/`-Host`/`-Proto`/`-Port`/`-Prefix` family.
+const X_FORWARDED: &str = "x-forwarded-";
+
+/// True for a client header the upstream must not see: a credential or proxy-owned
+/// header spelled with `_` for `-` (CGI-style servers read `x_api_key` as
+/// `x-api-key`), or a forwarding/origin claim.
+fn is_client_claim(name: &str) -> bool {
+    let dashed: Cow<'_, str> = if name.contains('_') {
+        Cow::Owned(name.replace('_', "-"))
+    } else {
+        Cow::Borrowed(name)
+    };
+    dashed.starts_with(X_FORWARDED)
+        || CLIENT_CLAIMS.contains(&dashed.as_ref())
+        || (name.contains('_')
+            && CLIENT_CREDENTIALS
+                .iter()
+                .chain(&HOP_BY_HOP)
+                .any(|h| h.as_str() == dashed))
+}
+
 /// Parameter names (case-insensitive, after percent-decoding) that carry legacy credentials.
 const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
 
@@ -58,6 +93,14 @@ pub fn strip_request_headers(headers: &mut HeaderMap, pass_cookies: bool) {
     }
     if !pass_cookies {
         headers.remove(header::COOKIE);
+    }
+    let claims: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_client_claim(n.as_str()))
+        .cloned()
+        .collect();
+    for n in claims {
+        headers.remove(n);
     }
 }
 
@@ -204,21 +247,47 @@ pub fn is_form(headers: &HeaderMap) -> bool {
     })
 }
 
+/// Percent-decoding rounds a path segment gets before it is judged: an upstream
+/// (or a chain of them) that decodes twice must not find a `..` the proxy missed.
+const DECODE_ROUNDS: usize = 3;
+
 /// True when a path segment could let a client climb out of the route's upstream
-/// base path: `.` or `..` (plain, percent-encoded, or with Tomcat-style
-/// `;params`), or an encoded `/` or `\` that an upstream may decode into a separator.
+/// base path: `.` or `..` (plain, percent-encoded once or more, or with Tomcat-style
+/// `;params`), an encoded `/`, `\` or NUL that an upstream may decode into a
+/// separator or a string end, or an overlong UTF-8 form (`%c0%ae` is `.` to some
+/// lenient decoders).
 pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| {
         if !seg.contains(['.', '%', ';', '\\']) {
             return false;
         }
-        let d: Vec<u8> = percent_decode(seg.as_bytes()).collect();
-        if d.contains(&b'/') || d.contains(&b'\\') {
-            return true;
+        let mut d: Vec<u8> = seg.as_bytes().to_vec();
+        for _ in 0..DECODE_ROUNDS {
+            if d.contains(&b'/') || d.contains(&b'\\') || d.contains(&0) || overlong_utf8(&d) {
+                return true;
+            }
+            let bare = d.split(|b| *b == b';').next().unwrap_or_default();
+            if bare == b"." || bare == b".." {
+                return true;
+            }
+            let decoded: Vec<u8> = percent_decode(&d).collect();
+            if decoded == d {
+                return false;
+            }
+            d = decoded;
         }
-        let bare = d.split(|b| *b == b';').next().unwrap_or_default();
-        bare == b"." || bare == b".."
+        // Still encoded after every round: deeper than any real name, so refuse.
+        true
     })
+}
+
+/// True when `bytes` hold a lead byte that only overlong UTF-8 uses (`C0`, `C1`,
+/// or `E0 80`..`E0 9F`): never valid, and decoded by lenient parsers into ASCII.
+fn overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.iter().any(|b| *b == 0xC0 || *b == 0xC1)
+        || bytes
+            .windows(2)
+            .any(|w| w[0] == 0xE0 && (0x80..0xA0).contains(&w[1]))
 }
 
 /// The path and query for logs, with credential values replaced by `[redacted]`.
@@ -331,11 +400,28 @@ mod tests {
             assert!(has_dot_segment(p), "{p}");
         }
         for p in [
+            "/a/%252e%252e/b",
+            "/a/%25252e%25252E",
+            "/a/x%252Fy",
+            "/a/x%00y",
+            "/a/x%2500y",
+            "/a/%c0%ae%c0%ae/b",
+            "/a/%C0%AF",
+            "/a/%e0%80%ae",
+            "/a/%2525252525",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
             "/a/b.json",
             "/a/...",
             "/a/.hidden",
             "/a/%2e%2e%2e",
             "/a/b;v=1",
+            "/a/100%25",
+            "/a/100%",
+            "/a/%25zz",
+            "/a/caf%C3%A9",
         ] {
             assert!(!has_dot_segment(p), "{p}");
         }
@@ -363,6 +449,32 @@ mod tests {
         strip_request_headers(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forwarding_claims_and_underscore_spellings_of_owned_headers_go() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil"),
+            ("x_forwarded_proto", "http"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-original-url", "/admin"),
+            ("x_api_key", "attacker"),
+            ("x_gw_ims_org_id", "OTHER@AdobeOrg"),
+            ("proxy_authorization", "x"),
+            ("x-keep", "1"),
+            ("x_keep_too", "1"),
+            ("x-forwarded", "not the family"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        strip_request_headers(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-forwarded", "x-keep", "x_keep_too"]);
     }
 
     #[test]

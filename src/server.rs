@@ -125,6 +125,14 @@ struct ConnSettings {
     grace: Duration,
 }
 
+/// Largest request head (HTTP/1 read buffer, HTTP/2 header list) a client may send:
+/// generous for long Workfront queries, small enough that a flood of huge heads
+/// costs bounded memory per connection. Beyond it the answer is 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Most header fields in one HTTP/1 request head (431 beyond).
+pub const MAX_HEADERS: usize = 100;
+
 /// hyper's own head timer is off: it would also cut idle keep-alive connections
 /// (see `conn`); `serve_connection` enforces `header_read_timeout` instead.
 fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -132,9 +140,12 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
     b.http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
