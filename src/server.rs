@@ -9,6 +9,7 @@ use crate::conn::{ConnInfo, ExchangeGuard, Watched};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
@@ -16,9 +17,12 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,8 +94,38 @@ impl ServerHandle {
     }
 }
 
-/// The client-facing TLS acceptor (ALPN h2 and http/1.1).
-pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+/// The client-facing certificate and key, swapped whole on reload: new handshakes
+/// use the current pair, connections already open keep theirs.
+pub struct TlsCert(ArcSwap<CertifiedKey>);
+
+impl TlsCert {
+    /// Replaces the pair new handshakes get.
+    pub fn store(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+}
+
+impl fmt::Debug for TlsCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key: only which certificate is served.
+        f.debug_struct("TlsCert")
+            .field("chain_len", &self.0.load().cert.len())
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for TlsCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads and checks the certificate chain and its key (they must belong together).
+pub fn load_certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, String> {
     let certs = CertificateDer::pem_file_iter(&files.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("server.tls_cert_file: {}: {e}", files.cert_file.display()))?;
@@ -103,16 +137,21 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|e| format!("server.tls_key_file: {}: {e}", files.key_file.display()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS: {e}"))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("server.tls_key_file: {e}"))?;
+    CertifiedKey::from_der(certs, key, &tls_provider())
+        .map(Arc::new)
+        .map_err(|e| format!("server.tls_key_file: {e}"))
+}
+
+/// The client-facing TLS acceptor (ALPN h2 and http/1.1) and the handle that swaps its certificate.
+pub fn tls_acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<TlsCert>), String> {
+    let cert = Arc::new(TlsCert(ArcSwap::new(load_certified_key(files)?)));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(tls_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
+    Ok((TlsAcceptor::from(Arc::new(cfg)), cert))
 }
 
 /// Connection settings shared by every connection of one listener.
@@ -182,12 +221,11 @@ pub async fn start_with_metrics(
                 addr: s.admin_listen,
                 source,
             })?;
-    let tls = s
-        .tls
-        .as_ref()
-        .map(tls_acceptor)
-        .transpose()
-        .map_err(StartError::Setup)?;
+    let (tls, tls_cert) = match s.tls.as_ref().map(tls_acceptor).transpose() {
+        Ok(Some((acceptor, cert))) => (Some(acceptor), Some(cert)),
+        Ok(None) => (None, None),
+        Err(e) => return Err(StartError::Setup(e)),
+    };
     let settings = ConnSettings {
         builder: Arc::new(http_builder()),
         tls,
@@ -206,6 +244,10 @@ pub async fn start_with_metrics(
         .local_addr()
         .map_err(|e| StartError::Setup(e.to_string()))?;
     let shared = Shared::start(config, config_path, metrics).map_err(StartError::Setup)?;
+    if let Some(cert) = tls_cert {
+        // Reloads re-read the certificate files into this handle.
+        let _ = shared.tls.set(cert);
+    }
     let (shutdown, _) = watch::channel(false);
     let sh = shared.clone();
     let proxy_task = tokio::spawn(accept_loop(

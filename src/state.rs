@@ -62,6 +62,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The audit log, when `server.audit_log` is set.
     pub audit: Option<AuditLog>,
+    /// The client-facing certificate, when the proxy serves TLS (set once by the server).
+    pub tls: std::sync::OnceLock<Arc<crate::server::TlsCert>>,
     config_path: Option<PathBuf>,
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -135,6 +137,7 @@ impl Shared {
             audit,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
+            tls: std::sync::OnceLock::new(),
         }))
     }
 
@@ -204,8 +207,18 @@ impl Shared {
         if config.server.audit_log != old.config.server.audit_log {
             warnings.push("server.audit_log changed; it takes effect on restart".to_string());
         }
-        if config.server.tls != old.config.server.tls {
-            warnings.push("TLS files changed; they take effect on restart".to_string());
+        // The certificate files are re-read on every reload (renewals keep their paths);
+        // an unusable pair refuses the reload and the running certificate stays.
+        let new_cert = match (self.tls.get(), &config.server.tls) {
+            (Some(_), Some(files)) => match crate::server::load_certified_key(files) {
+                Ok(k) => Some(k),
+                Err(e) => return self.refuse(&old, e),
+            },
+            _ => None,
+        };
+        if config.server.tls.is_some() != old.config.server.tls.is_some() {
+            warnings
+                .push("turning client-facing TLS on or off takes effect on restart".to_string());
         }
         // A new egress path (proxy, CA) must prove itself: every credential then
         // fetches a token through it before the new configuration is used.
@@ -291,6 +304,9 @@ impl Shared {
                     s.ims.store(Arc::new(client));
                 }
                 self.snapshot.store(Arc::new(s));
+                if let (Some(tls), Some(cert)) = (self.tls.get(), new_cert) {
+                    tls.store(cert);
+                }
                 for name in &removed {
                     self.metrics.forget_credential(name);
                 }

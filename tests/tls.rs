@@ -105,7 +105,8 @@ async fn plaintext_to_the_tls_port_gets_no_http_answer() {
         std::time::Duration::from_secs(3),
     )
     .await;
-    assert!(!answer.contains("HTTP/1.1 200"), "{answer:?}");
+    // No HTTP at all: a TLS alert at most, then the connection is closed.
+    assert!(!answer.contains("HTTP/"), "{answer:?}");
     assert_eq!(h.up().count(), 0);
 }
 
@@ -183,4 +184,171 @@ async fn self_signed_upstream_without_ca_file_is_refused_with_502() {
     .await;
     let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
     r.assert_refusal(502, "upstream_unreachable");
+}
+
+// ---------------------------------------------------------------------------
+// Certificate reload: new handshakes get the new pair, open connections keep going.
+
+fn write_pair(dir: &std::path::Path) -> String {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    std::fs::write(dir.join("proxy.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("proxy.key"), ck.signing_key.serialize_pem()).unwrap();
+    ck.cert.pem()
+}
+
+/// One HTTP/1.1 connection over TLS, trusting only `cert_pem`; also returns the certificate the server showed.
+async fn tls_connection(
+    addr: std::net::SocketAddr,
+    cert_pem: &str,
+) -> std::io::Result<(
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    Vec<u8>,
+)> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    Ok((send, shown))
+}
+
+async fn get_on(send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> u16 {
+    let req = Request::get("/workfront/x")
+        .header("host", "127.0.0.1")
+        .header("x-proxy-key", KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .expect("request on the open connection");
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+async fn reload(h: &Harness) -> serde_json::Value {
+    let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
+    r.json()
+}
+
+#[tokio::test]
+async fn reload_serves_a_new_certificate_without_dropping_open_connections() {
+    let certs = tempfile::tempdir().unwrap();
+    let old_pem = write_pair(certs.path());
+    let setup = Setup {
+        server: format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}",
+            certs.path().join("proxy.pem").display().to_string(),
+            certs.path().join("proxy.key").display().to_string()
+        ),
+        ..Setup::default()
+    };
+    let h = Harness::with_file(setup).await;
+    h.ready().await;
+    let addr = h.server.proxy_addr;
+    let (mut open, shown) = tls_connection(addr, &old_pem).await.unwrap();
+    assert_eq!(shown, der(&old_pem));
+    assert_eq!(get_on(&mut open).await, 200);
+
+    let new_pem = write_pair(certs.path());
+    let report = reload(&h).await;
+    assert_eq!(report["result"], "ok", "{report}");
+
+    // The connection opened before the reload still works, on the old certificate.
+    assert_eq!(get_on(&mut open).await, 200);
+    assert_eq!(get_on(&mut open).await, 200);
+    // New connections see the new certificate; one that trusts only the old one fails.
+    let (mut fresh, shown) = tls_connection(addr, &new_pem).await.unwrap();
+    assert_eq!(shown, der(&new_pem));
+    assert_eq!(get_on(&mut fresh).await, 200);
+    assert!(tls_connection(addr, &old_pem).await.is_err());
+}
+
+#[tokio::test]
+async fn an_unusable_certificate_on_reload_is_refused_and_the_running_one_stays() {
+    let certs = tempfile::tempdir().unwrap();
+    let pem = write_pair(certs.path());
+    let setup = Setup {
+        server: format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}",
+            certs.path().join("proxy.pem").display().to_string(),
+            certs.path().join("proxy.key").display().to_string()
+        ),
+        ..Setup::default()
+    };
+    let h = Harness::with_file(setup).await;
+    h.ready().await;
+    let addr = h.server.proxy_addr;
+    let good_key = std::fs::read(certs.path().join("proxy.key")).unwrap();
+
+    // Not a certificate at all.
+    std::fs::write(certs.path().join("proxy.pem"), "not a certificate").unwrap();
+    let report = reload(&h).await;
+    assert_eq!(report["result"], "error", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("server.tls_cert_file"),
+        "{report}"
+    );
+    // A certificate with somebody else's key.
+    std::fs::write(certs.path().join("proxy.pem"), &pem).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(
+        certs.path().join("proxy.key"),
+        other.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let report = reload(&h).await;
+    assert_eq!(report["result"], "error", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("server.tls_key_file"),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("PRIVATE KEY"), "{report}");
+    std::fs::write(certs.path().join("proxy.key"), good_key).unwrap();
+
+    // Still the original certificate, still serving.
+    let (mut conn, shown) = tls_connection(addr, &pem).await.unwrap();
+    assert_eq!(shown, der(&pem));
+    assert_eq!(get_on(&mut conn).await, 200);
+    let metrics = get(&h.admin("/metrics"), &[]).await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "ims_proxy_config_reloads_total{result=\"error\"} 2"),
+        "{metrics}"
+    );
 }
