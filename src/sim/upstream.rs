@@ -6,7 +6,8 @@
 //! - `POST|PUT .../upload`: hashes the streamed body, answers
 //!   `{"bytes": n, "sha256": "<hex>"}`;
 //! - `.../slow?ms=N`: answers `{"slow":true}` after `N` ms;
-//! - `.../status/NNN`: answers status `NNN` (429 as Adobe's gateway does);
+//! - `.../status/NNN`: answers status `NNN` (429 as Adobe's gateway does, with
+//!   `Retry-After: 2`, or the `?retry_after=` value, `none` for no header);
 //! - anything else: a JSON echo of the request plus a Workfront-like `data`
 //!   array.
 //!
@@ -145,6 +146,7 @@ pub struct UpstreamState {
     ims: Option<Arc<ImsState>>,
     reject_all: AtomicBool,
     reject_next: AtomicUsize,
+    invalid_tokens: AtomicUsize,
     seen: Mutex<VecDeque<SeenRequest>>,
     count: AtomicUsize,
     in_flight: AtomicUsize,
@@ -154,10 +156,10 @@ pub struct UpstreamState {
 impl UpstreamState {
     fn new(ims: Option<Arc<ImsState>>) -> Self {
         UpstreamState {
-    invalid_tokens: AtomicUsize,
             ims,
             reject_all: AtomicBool::new(false),
             reject_next: AtomicUsize::new(0),
+            invalid_tokens: AtomicUsize::new(0),
             seen: Mutex::new(VecDeque::new()),
             count: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -167,7 +169,6 @@ impl UpstreamState {
 
     fn seen(&self) -> MutexGuard<'_, VecDeque<SeenRequest>> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
-            invalid_tokens: AtomicUsize::new(0),
     }
 
     /// While on, answer every request 401 (gateway-style body).
@@ -197,6 +198,13 @@ impl UpstreamState {
         self.count.load(Ordering::SeqCst)
     }
 
+    /// Requests that arrived without exactly one `Authorization` carrying a
+    /// token the simulated IMS considers valid at arrival (expired, revoked,
+    /// unknown or missing); never reset.
+    pub fn invalid_tokens(&self) -> usize {
+        self.invalid_tokens.load(Ordering::SeqCst)
+    }
+
     /// Highest number of requests in flight at once since the last
     /// [`UpstreamState::clear`]. A request is in flight from its arrival until
     /// its response body has been fully produced or dropped.
@@ -206,13 +214,6 @@ impl UpstreamState {
 
     /// Forget the recorded requests, the count and the concurrency high-water
     /// mark (reset to the requests in flight now).
-    /// Requests that arrived without exactly one `Authorization` carrying a
-    /// token the simulated IMS considers valid at arrival (expired, revoked,
-    /// unknown or missing); never reset.
-    pub fn invalid_tokens(&self) -> usize {
-        self.invalid_tokens.load(Ordering::SeqCst)
-    }
-
     pub fn clear(&self) {
         self.seen().clear();
         self.count.store(0, Ordering::SeqCst);
@@ -248,6 +249,7 @@ impl UpstreamState {
                 _ => None,
             };
             if !token.is_some_and(|t| ims.token_is_valid(t)) {
+                self.invalid_tokens.fetch_add(1, Ordering::SeqCst);
                 return false;
             }
         }
@@ -257,7 +259,6 @@ impl UpstreamState {
         self.reject_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_err()
-                self.invalid_tokens.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -415,8 +416,15 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<S
                 status,
                 &json!({ "error_code": "429050", "message": "Too many requests" }),
             );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            // `?retry_after=` picks the value (seconds or an HTTP-date), `none` omits it.
+            let retry_after = query_param(query, "retry_after")
+                .map(|v| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+                .unwrap_or_else(|| "2".into());
+            if let Ok(v) = HeaderValue::from_str(&retry_after) {
+                if retry_after != "none" {
+                    resp.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+            }
             resp
         } else if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             let mut resp = Response::new(SimBody::empty());
