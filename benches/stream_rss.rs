@@ -12,28 +12,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use ims_proxy::sim::{SimIms, SimUpstream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+mod common;
+use common::{status_kib, Ports, Proxy, KEY};
 
 type Body = BoxBody<Bytes, std::io::Error>;
-const KEY: &str = "bench-client-key";
 const CHUNK: usize = 256 * 1024;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn upload_body(bytes: u64) -> Body {
     let chunk = Bytes::from((0..CHUNK).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
@@ -77,15 +62,6 @@ async fn upload(client: &Client<HttpConnector, Body>, url: &str, bytes: u64) -> 
     bytes as f64 / started.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let mib: u64 = std::env::var("IMS_PROXY_BENCH_MIB")
@@ -97,46 +73,18 @@ async fn main() {
     ims.state().add_client("bench-client", "bench-secret");
     // The direct path has no proxy to check tokens: the upstream simulator checks none.
     let upstream = SimUpstream::start(None).await.expect("sim upstream");
-    let (port, admin) = (free_port(), free_port());
+    let ports = Ports::pick();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             [ims]\ntoken_url = \"{}\"\n\
-             [credentials.wf]\nclient_id = \"bench-client\"\nclient_secret = \"bench-secret\"\nscopes = [\"openid\"]\n\
-             [[routes]]\nname = \"wf\"\nprefix = \"/wf\"\nupstream = \"{}\"\ncredential = \"wf\"\n\
-             [[access.keys]]\nname = \"bench\"\nsha256 = \"{}\"\n",
-            ims.token_url(),
-            upstream.url(),
-            ims_proxy::access::digest_hex(KEY)
-        ),
-    )
-    .expect("write config");
-    let child = Command::new(env!("CARGO_BIN_EXE_ims-proxy"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start ims-proxy");
-    let proxy = Proxy(child);
-    let pid = proxy.0.id();
+    let text = common::config(ports, &ims.token_url(), &upstream.url(), "bench-secret", "");
+    std::fs::write(&config, text).expect("write config");
+    let proxy = Proxy::spawn(&config);
+    let pid = proxy.pid();
+    proxy.wait_ready(ports).await;
     let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
-    let ready = format!("http://127.0.0.1:{admin}/readyz");
-    for _ in 0..100 {
-        let req = Request::get(&ready)
-            .body(Empty::new().map_err(|e| match e {}).boxed())
-            .expect("req");
-        if matches!(client.request(req).await, Ok(r) if r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let idle_rss = status_kib(pid, "VmRSS:");
     let direct = upstream.url();
-    let via = format!("http://127.0.0.1:{port}/wf");
+    let via = format!("http://127.0.0.1:{}/wf", ports.proxy);
     println!("streaming {mib} MiB each way; direct runs alternate with proxied runs\n");
     let (mut d_down, mut p_down, mut d_up, mut p_up) = (vec![], vec![], vec![], vec![]);
     for _ in 0..2 {
@@ -163,8 +111,8 @@ async fn main() {
     );
     println!(
         "\nims-proxy RSS: idle {:.1} MiB, peak {:.1} MiB after {} GiB through it",
-        idle_rss as f64 / 1024.0,
-        peak as f64 / 1024.0,
+        common::mib(idle_rss),
+        common::mib(peak),
         (4 * bytes) as f64 / (1u64 << 30) as f64
     );
 }
