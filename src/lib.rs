@@ -18,6 +18,7 @@ pub mod rewrite;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod slots;
 pub mod sim;
 pub mod state;
 pub mod token;

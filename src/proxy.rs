@@ -8,6 +8,7 @@ use crate::error::ProxyError;
 use crate::metrics::{status_label, Metrics};
 use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
 use crate::route::Route;
+use crate::slots::{Slot, TimedOut};
 use crate::state::{CredentialRuntime, Shared, Snapshot};
 use crate::token::Token;
 use bytes::Bytes;
@@ -21,8 +22,7 @@ use hyper::body::Incoming;
 use prometheus::IntGauge;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -152,7 +152,7 @@ async fn journey(
             retry_after: Duration::from_secs(1),
         })?;
     hold_back(&cred)?;
-    let slot = acquire_slot(&cred).await?;
+    let slot = acquire_slot(&cred, &client.name).await?;
     let token = cred
         .manager
         .token()
@@ -501,21 +501,19 @@ fn hold_back(cred: &CredentialRuntime) -> Result<(), ProxyError> {
     }
 }
 
-/// A `max_in_flight` slot, waiting in the queue up to `queue_timeout`.
-async fn acquire_slot(
-    cred: &CredentialRuntime,
-) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
-    let Some(sem) = &cred.slots else {
+/// A `max_in_flight` slot, waiting in the key-fair queue up to `queue_timeout`.
+async fn acquire_slot(cred: &CredentialRuntime, key: &str) -> Result<Option<Slot>, ProxyError> {
+    let Some(slots) = &cred.slots else {
         return Ok(None);
     };
-    if let Ok(p) = sem.clone().try_acquire_owned() {
-        return Ok(Some(p));
+    if let Some(slot) = slots.try_acquire() {
+        return Ok(Some(slot));
     }
     // The gauge comes down even when the waiting request is cancelled.
     let _queued = GaugeGuard::new(&cred.queued);
-    match tokio::time::timeout(cred.config.queue_timeout, sem.clone().acquire_owned()).await {
-        Ok(Ok(p)) => Ok(Some(p)),
-        _ => Err(ProxyError::Overloaded {
+    match slots.acquire(key, cred.config.queue_timeout).await {
+        Ok(slot) => Ok(Some(slot)),
+        Err(TimedOut) => Err(ProxyError::Overloaded {
             credential: cred.config.name.clone(),
             retry_after: Duration::from_secs(1),
         }),
@@ -593,14 +591,16 @@ fn stream_back(
             .with_label_values(&[route.name(), &client.name])
             .inc();
         if cred.config.respect_retry_after {
-            if let Some(secs) = parts
+            if let Some(wait) = parts
                 .headers
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .and_then(|v| retry_after_delay(v, SystemTime::now()))
             {
-                let until = Instant::now() + Duration::from_secs(secs.min(3600));
-                *cred.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+                let until = Instant::now() + wait;
+                let mut held = cred.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+                // Concurrent 429s: the latest deadline wins.
+                *held = Some(held.map_or(until, |t| t.max(until)));
             }
         }
     }
@@ -612,6 +612,23 @@ fn stream_back(
         .response_bytes
         .with_label_values(&[route.name(), &client.name]);
     Response::from_parts(parts, streamed(body, Some(counter)).with_guard(guards))
+}
+
+/// Longest hold-back a `Retry-After` can impose, whatever it says.
+const MAX_HOLD_BACK: Duration = Duration::from_secs(3600);
+
+/// How long a `Retry-After` value (delay-seconds or HTTP-date, RFC 9110 §10.2.3)
+/// asks to wait from `now`, capped at an hour; `None` if unreadable.
+fn retry_after_delay(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_HOLD_BACK))
 }
 
 fn method_label(m: &Method) -> &'static str {
@@ -672,5 +689,26 @@ fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
             "upstream_request_id": ctx.upstream_request_id,
             "token_fingerprint": ctx.token_fingerprint,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        assert_eq!(retry_after_delay(" 7 ", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            retry_after_delay(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(retry_after_delay(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after_delay("86400", now), Some(MAX_HOLD_BACK));
+        assert_eq!(retry_after_delay("soon", now), None);
+        assert_eq!(retry_after_delay("-1", now), None);
     }
 }

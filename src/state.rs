@@ -8,6 +8,7 @@ use crate::config::{Config, CredentialConfig};
 use crate::ims::ImsClient;
 use crate::metrics::Metrics;
 use crate::route::Router;
+use crate::slots::Slots;
 use crate::token::{ImsSource, Timing, TokenManager, TokenReport};
 use crate::upstream::{self, UpstreamClient};
 use arc_swap::ArcSwap;
@@ -17,7 +18,6 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// One credential at run time.
@@ -31,7 +31,7 @@ pub struct CredentialRuntime {
     /// `x-gw-ims-org-id` value.
     pub org_id: Option<HeaderValue>,
     /// `max_in_flight` slots.
-    pub slots: Option<Arc<Semaphore>>,
+    pub slots: Option<Arc<Slots>>,
     /// `ims_proxy_queued_requests{credential}`.
     pub queued: IntGauge,
     /// With `respect_retry_after`: no request upstream before this.
@@ -143,6 +143,10 @@ impl Shared {
 
     /// Re-reads the config file and applies it (SIGHUP, `POST /reload`).
     pub async fn reload(&self) -> ReloadReport {
+        // logrotate's postrotate sends SIGHUP: reopen even if the config turns out invalid.
+        if let Some(audit) = &self.audit {
+            audit.reopen();
+        }
         let Some(path) = self.config_path.clone() else {
             return self.record(ReloadReport::failed("no config file to reload".into()));
         };
@@ -396,7 +400,7 @@ fn build_snapshot(
         let prev = previous.and_then(|p| p.credentials.get(name));
         let slots = match (c.max_in_flight, prev) {
             (Some(n), Some(p)) if p.config.max_in_flight == Some(n) => p.slots.clone(),
-            (Some(n), _) => Some(Arc::new(Semaphore::new(n as usize))),
+            (Some(n), _) => Some(Slots::new(n as usize)),
             (None, _) => None,
         };
         let api_key = HeaderValue::from_str(&c.client_id)
