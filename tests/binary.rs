@@ -763,3 +763,108 @@ async fn json_logs_are_one_object_per_line() {
         .as_str()
         .is_some_and(|id| id.len() == 32));
 }
+
+/// GETs `url` and reads the body slowly (a pause every MiB), returning (status, bytes, sha256) or the error.
+async fn slow_download(url: String, per_mib: Duration) -> Result<(u16, u64, String), String> {
+    use http_body_util::BodyExt;
+    use sha2::Digest;
+    let req = Request::get(url)
+        .header("x-proxy-key", KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let (mut hasher, mut got, mut pause_at) = (sha2::Sha256::new(), 0u64, 1u64 << 20);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("cut after {got} bytes: {e}"))?;
+        if let Ok(d) = frame.into_data() {
+            got += d.len() as u64;
+            hasher.update(&d);
+            while got >= pause_at {
+                tokio::time::sleep(per_mib).await;
+                pause_at += 1 << 20;
+            }
+        }
+    }
+    Ok((status, got, hex::encode(hasher.finalize())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_downloads_refuses_newcomers_and_cuts_at_the_grace_limit() {
+    let (ims, upstream) = simulators().await;
+    // The harness config sets shutdown_grace = "5s".
+    let r = start_run(&ims, &upstream, "info").await;
+    let n: u64 = 32 << 20;
+    // About 2 s of paced reading: still running at SIGTERM, done well within the grace.
+    let download = tokio::spawn(slow_download(
+        r.url(&format!("/workfront/files/download?bytes={n}")),
+        Duration::from_millis(60),
+    ));
+    let slow_url = r.url("/workfront/slow?ms=1500");
+    let slow = tokio::spawn(async move { get(&slow_url, &[("x-proxy-key", KEY)]).await });
+    // Longer than the grace: cut.
+    let stuck = tokio::spawn(slow_download(
+        r.url("/workfront/slow?ms=60000"),
+        Duration::ZERO,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.state().count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "requests never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let proxy = r.proxy;
+    r.proc.signal("TERM");
+    let signalled = Instant::now();
+
+    // New connections are refused (the listener is closed) while the others drain.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::net::TcpStream::connect(proxy).await {
+            Err(_) => break,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    let (status, got, digest) = tokio::time::timeout(Duration::from_secs(10), download)
+        .await
+        .expect("download finished")
+        .unwrap()
+        .expect("download intact");
+    assert_eq!((status, got), (200, n));
+    assert_eq!(digest, ims_proxy::sim::pattern_sha256(n));
+    assert_eq!(slow.await.unwrap().status, 200);
+    let cut = tokio::time::timeout(Duration::from_secs(10), stuck)
+        .await
+        .expect("the stuck request ended")
+        .unwrap();
+    assert!(
+        cut.is_err(),
+        "the request past the grace limit was not cut: {cut:?}"
+    );
+
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let mut r = r;
+        let st = r.proc.wait(Duration::from_secs(15));
+        (st, r.stderr())
+    })
+    .await
+    .unwrap();
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}\n{log}");
+    assert!(
+        took >= Duration::from_millis(4500) && took < Duration::from_secs(9),
+        "exited {took:?} after SIGTERM with a 5 s grace"
+    );
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("stopped"))
+        .unwrap_or_else(|| panic!("no 'stopped' line:\n{log}"));
+    assert!(stopped.contains("cut_connections=1"), "{stopped}");
+}
