@@ -1031,3 +1031,168 @@ async fn pipelined_requests_reach_the_upstream_as_the_same_requests() {
         .collect();
     assert_eq!(lines, ["POST /one HTTP/1.1", "GET /two HTTP/1.1"]);
 }
+
+// ---------------------------------------------------------------------------
+// Access control edges.
+
+/// The proxy listening on `[::1]` with `allow_cidrs` lines.
+async fn on_ipv6(
+    allow: &str,
+) -> (
+    ims_proxy::server::ServerHandle,
+    ims_proxy::sim::SimIms,
+    ims_proxy::sim::SimUpstream,
+) {
+    let ims = ims_proxy::sim::SimIms::start().await.unwrap();
+    ims.state().add_client(CLIENT_ID, SECRET);
+    ims.state().add_client("fusion-client-id", "fusion-secret");
+    let up = ims_proxy::sim::SimUpstream::start(Some(ims.state()))
+        .await
+        .unwrap();
+    let setup = Setup {
+        access: format!("allow_cidrs = {allow}"),
+        ..Setup::default()
+    };
+    let text = config_text(&setup, &ims.token_url(), &up.url()).replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        "\nlisten = \"[::1]:0\"",
+        1,
+    );
+    let config = ims_proxy::config::Config::parse(
+        &text,
+        std::path::Path::new("."),
+        &std::collections::HashMap::new(),
+    )
+    .unwrap();
+    let server = ims_proxy::server::start(config, None).await.unwrap();
+    (server, ims, up)
+}
+
+#[tokio::test]
+async fn allow_cidrs_judges_ipv6_sources_before_any_key() {
+    let (server, _ims, up) = on_ipv6(r#"["::1/128"]"#).await;
+    assert!(server.proxy_addr.is_ipv6());
+    let url = format!("http://{}/workfront/x", server.proxy_addr);
+    assert_eq!(get(&url, &[("x-proxy-key", KEY)]).await.status, 200);
+
+    let (server, _ims, up2) = on_ipv6(r#"["127.0.0.0/8", "fd00::/8"]"#).await;
+    let url = format!("http://{}/workfront/x", server.proxy_addr);
+    let r = get(&url, &[("x-proxy-key", KEY)]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "forbidden");
+    // Checked before keys: no key at all is 403 too, not 401.
+    assert_eq!(get(&url, &[]).await.status, 403);
+    let metrics = get(&format!("http://{}/metrics", server.admin_addr), &[])
+        .await
+        .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"ims_proxy_auth_failures_total{reason="forbidden"} 2"#),
+        "{metrics}"
+    );
+    assert_eq!(up.state().count(), 1);
+    assert_eq!(up2.state().count(), 0);
+}
+
+#[tokio::test]
+async fn disabling_a_key_takes_effect_on_reload_and_keeps_the_token() {
+    let h = Harness::with_file(Setup::default()).await;
+    h.ready().await;
+    assert_eq!(
+        get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        200
+    );
+    let issued = h.ims().issued();
+    h.write_config(&Setup {
+        key: "disabled = true".into(),
+        ..Setup::default()
+    });
+    let report = h.server.shared.reload().await;
+    assert_eq!(report.result, "ok", "{report:?}");
+    assert!(report.kept.contains(&"workfront".to_string()), "{report:?}");
+    let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(
+        h.ims().issued(),
+        issued,
+        "switching a key off must not touch the credential"
+    );
+    // Switched back on, it works again.
+    h.write_config(&Setup::default());
+    assert_eq!(h.server.shared.reload().await.result, "ok");
+    assert_eq!(
+        get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)])
+            .await
+            .status,
+        200
+    );
+}
+
+#[test]
+fn open_mode_on_a_network_address_is_refused_by_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &Setup {
+            access: "mode = \"open\"".into(),
+            ..Setup::default()
+        },
+        "http://127.0.0.1:1/ims",
+        "http://127.0.0.1:2",
+    )
+    .replacen("\nlisten = \"127.0.0.1:0\"", "\nlisten = \"0.0.0.0:0\"", 1);
+    let path = dir.path().join("open.toml");
+    std::fs::write(&path, &text).unwrap();
+    for cmd in ["check", "run"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ims-proxy"))
+            .args([cmd, "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`{cmd}` kept running with open mode on 0.0.0.0");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!status.success(), "`{cmd}` accepted open mode on 0.0.0.0");
+        assert!(all.contains("allow_open_on_network"), "{cmd}: {all}");
+    }
+    // With the explicit opt-in, `check` accepts it.
+    std::fs::write(
+        &path,
+        text.replace(
+            "mode = \"open\"",
+            "mode = \"open\"\nallow_open_on_network = true",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ims-proxy"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
