@@ -175,9 +175,21 @@ impl Shared {
         report
     }
 
-    /// A refused reload: the running snapshot stays, and its tokens' expiry is published
-    /// again (candidate managers may have overwritten it).
-    fn refuse(&self, old: &Snapshot, error: String) -> ReloadReport {
+    /// A refused reload: the running snapshot stays, candidate managers stop, series
+    /// they created for names the running config lacks go, and the running tokens'
+    /// expiry is published again (candidates may have overwritten it).
+    fn refuse(
+        &self,
+        old: &Snapshot,
+        error: String,
+        candidates: &[Arc<TokenManager>],
+    ) -> ReloadReport {
+        for m in candidates {
+            m.retire();
+            if !old.credentials.contains_key(m.name()) {
+                self.metrics.forget_credential(m.name());
+            }
+        }
         for c in old.credentials.values() {
             c.manager.publish_expiry();
         }
@@ -216,7 +228,7 @@ impl Shared {
         let new_cert = match (self.tls.get(), &config.server.tls) {
             (Some(_), Some(files)) => match crate::server::load_certified_key(files) {
                 Ok(k) => Some(k),
-                Err(e) => return self.refuse(&old, e),
+                Err(e) => return self.refuse(&old, e, &[]),
             },
             _ => None,
         };
@@ -234,7 +246,7 @@ impl Shared {
             } else {
                 match ImsClient::new(&config.outbound, config.ims.request_timeout) {
                     Ok(c) => Some(c),
-                    Err(e) => return self.refuse(&old, e),
+                    Err(e) => return self.refuse(&old, e, &[]),
                 }
             };
         // Kept managers share the old cell (it gets the new client once the reload is
@@ -248,7 +260,7 @@ impl Shared {
         } else {
             match upstream::build(&config.outbound) {
                 Ok(c) => c,
-                Err(e) => return self.refuse(&old, e),
+                Err(e) => return self.refuse(&old, e, &[]),
             }
         };
         let (mut kept, mut renewed, mut managers, mut fresh) =
@@ -287,6 +299,7 @@ impl Shared {
                 return self.refuse(
                     &old,
                     format!("credentials.{name}: cannot get a token: {why}"),
+                    &fresh,
                 );
             }
         }
@@ -311,6 +324,13 @@ impl Shared {
                 if let (Some(tls), Some(cert)) = (self.tls.get(), new_cert) {
                     tls.store(cert);
                 }
+                // Replaced managers may live on in requests still holding the old snapshot;
+                // retired, they no longer refresh or write their credential's series.
+                for name in renewed.iter().chain(&removed) {
+                    if let Some(c) = old.credentials.get(name) {
+                        c.manager.retire();
+                    }
+                }
                 for name in &removed {
                     self.metrics.forget_credential(name);
                 }
@@ -323,7 +343,7 @@ impl Shared {
                     warnings,
                 })
             }
-            Err(e) => self.refuse(&old, e),
+            Err(e) => self.refuse(&old, e, &fresh),
         }
     }
 

@@ -140,6 +140,9 @@ struct Inner {
     published: watch::Sender<u64>,
     preferred_secret: AtomicUsize,
     generation: AtomicU64,
+    /// Set when the credential leaves the configuration: its metric series are
+    /// gone and must not come back from requests still in flight.
+    retired: AtomicBool,
 }
 
 /// One credential's token holder; dropping the last handle stops its task.
@@ -225,6 +228,7 @@ impl TokenManager {
             published,
             preferred_secret: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         });
         let task = tokio::spawn(inner.clone().run());
         Arc::new(TokenManager { inner, task })
@@ -234,6 +238,13 @@ impl TokenManager {
     pub fn set_timing(&self, timing: Timing) {
         *self.inner.timing.lock().unwrap_or_else(|e| e.into_inner()) = timing;
         self.inner.wake.notify_one();
+    }
+
+    /// Stops refreshing and touching metrics (the credential left the configuration);
+    /// requests in flight keep the token they hold.
+    pub fn retire(&self) {
+        self.inner.retired.store(true, Ordering::SeqCst);
+        self.task.abort();
     }
 
     /// Sets the expiry gauge from the token held now (after a failed reload's candidates overwrote it).
@@ -285,7 +296,7 @@ impl TokenManager {
                 true
             }
         };
-        if should_force {
+        if should_force && !self.inner.retired.load(Ordering::SeqCst) {
             self.inner
                 .metrics
                 .token_forced_refreshes
@@ -495,6 +506,9 @@ impl Inner {
     }
 
     fn publish_expiry(&self, token: &Token) {
+        if self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         let unix = token
             .expires_at_wall
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -538,3 +538,99 @@ async fn reloads_during_a_512_mib_download_and_an_h2_stream_lose_nothing() {
     assert_eq!(r.status, 200);
     assert_eq!(h.up().last().unwrap().headers["x-reload"], "4");
 }
+
+/// The harness config without the fusion credential, route and key.
+fn without_fusion(text: &str) -> String {
+    text.split("\n\n")
+        .filter(|block| {
+            !block.contains("[credentials.fusion]")
+                && !block.contains("name = \"fusion\"")
+                && !block.contains("name = \"fusion-team\"")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn series_of<'a>(metrics: &'a str, credential: &str) -> Vec<&'a str> {
+    let label = format!("credential=\"{credential}\"");
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&label))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_refused_reload_leaves_no_series_for_the_credential_it_tried_to_add() {
+    let h = Harness::with_file(Setup::default()).await;
+    h.ready().await;
+    let text = format!(
+        "{}\n[credentials.newcomer]\nclient_id = \"unknown-client\"\nclient_secret = \"nope\"\nscopes = [\"openid\"]\n",
+        h.config_text
+    );
+    let path = h
+        .config_file
+        .as_ref()
+        .unwrap()
+        .path()
+        .join("ims-proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["result"], "error", "{}", r.text());
+    let m = metrics(&h).await;
+    assert!(
+        series_of(&m, "newcomer").is_empty(),
+        "{:?}",
+        series_of(&m, "newcomer")
+    );
+    assert!(!series_of(&m, "workfront").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
+    // 2 s tokens: the removed credential's manager would refresh (and write its
+    // series) while its slow request still waits for the upstream.
+    let h = Harness::with_file(Setup {
+        expires_in: Some(2),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let slow = {
+        let url = h.url("/fusion/slow?ms=2500");
+        tokio::spawn(async move { get(&url, &[("x-proxy-key", FUSION_KEY)]).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the slow request started",
+        || async { h.up().count() >= 1 },
+    )
+    .await;
+    let path = h
+        .config_file
+        .as_ref()
+        .unwrap()
+        .path()
+        .join("ims-proxy.toml");
+    std::fs::write(&path, without_fusion(&h.config_text)).unwrap();
+    let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["removed"][0], "fusion", "{}", r.text());
+    assert!(series_of(&metrics(&h).await, "fusion").is_empty());
+
+    // Past a refresh time of the removed credential, its request still running.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !slow.is_finished(),
+        "the request ended too soon to prove anything"
+    );
+    let m = metrics(&h).await;
+    assert!(
+        series_of(&m, "fusion").is_empty(),
+        "{:?}",
+        series_of(&m, "fusion")
+    );
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(series_of(&metrics(&h).await, "fusion").is_empty());
+}
