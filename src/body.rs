@@ -30,6 +30,7 @@ pin_project! {
         inner: B,
         counter: Option<IntCounter>,
         guard: Option<Box<dyn Guard>>,
+        drop_trailers: bool,
     }
 }
 
@@ -40,7 +41,16 @@ impl<B> Counted<B> {
             inner,
             counter,
             guard: None,
+            drop_trailers: false,
         }
+    }
+
+    /// Ends the body at its trailers instead of passing them on: a client's request
+    /// trailers (`authorization`, `x-api-key`, …) would skip the header scrubbing and
+    /// reach an HTTP/2 upstream.
+    pub fn without_trailers(mut self) -> Self {
+        self.drop_trailers = true;
+        self
     }
 
     /// Keeps `guard` alive until this body ends or is dropped, along with any guard it already holds.
@@ -77,6 +87,11 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if *this.drop_trailers && frame.is_trailers() => {
+                // Trailers come last: the body ends here.
+                this.guard.take();
+                Poll::Ready(None)
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(c), Some(data)) = (this.counter.as_ref(), frame.data_ref()) {
                     c.inc_by(data.len() as u64);

@@ -178,7 +178,12 @@ async fn journey(
     let resp = match held {
         Held::Stream(body) => {
             upstream
-                .send_streamed(ctx, parts, streamed(body, Some(counter)), token)
+                .send_streamed(
+                    ctx,
+                    parts,
+                    streamed(body, Some(counter)).without_trailers(),
+                    token,
+                )
                 .await?
         }
         Held::Empty => {
