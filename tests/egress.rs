@@ -202,3 +202,104 @@ async fn a_failed_reload_leaves_the_running_tokens_metrics() {
         "the gauge describes the token in use, not the discarded candidate's"
     );
 }
+
+/// The real binary with only the environment to go by: `HTTP_PROXY` carries IMS and
+/// upstream calls through the egress proxy, and `NO_PROXY` exempts hosts from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_and_no_proxy_from_the_environment_are_honoured() {
+    let (egress, tunnels, forwards) = egress_proxy(false).await;
+    let ims = ims_proxy::sim::SimIms::start().await.unwrap();
+    ims.state().add_client(CLIENT_ID, SECRET);
+    ims.state().add_client("fusion-client-id", "fusion-secret");
+    let up = ims_proxy::sim::SimUpstream::start(Some(ims.state()))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for no_proxy in [None, Some("localhost,127.0.0.1")] {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (listen, admin) = (free(), free());
+        let text = config_text(&Setup::default(), &ims.token_url(), &up.url())
+            .replacen(
+                "admin_listen = \"127.0.0.1:0\"",
+                &format!("admin_listen = \"{admin}\""),
+                1,
+            )
+            .replacen(
+                "\nlisten = \"127.0.0.1:0\"",
+                &format!("\nlisten = \"{listen}\""),
+                1,
+            );
+        let path = dir.path().join("env-proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ims-proxy"));
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "http_proxy",
+            "no_proxy",
+            "NO_PROXY",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("HTTP_PROXY", format!("http://{egress}"));
+        if let Some(n) = no_proxy {
+            cmd.env("NO_PROXY", n);
+        }
+        let child = cmd
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _child = Kill(child);
+        let before = tunnels.load(Ordering::SeqCst) + forwards.load(Ordering::SeqCst);
+        let url = format!("http://{listen}/workfront/attask/api/v19.0/proj/search");
+        let mut status = 0;
+        for _ in 0..200 {
+            if let Ok(Ok(resp)) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                client().request(
+                    http::Request::get(&url)
+                        .header("x-proxy-key", KEY)
+                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                        .unwrap(),
+                ),
+            )
+            .await
+            {
+                status = resp.status().as_u16();
+                if status == 200 {
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "NO_PROXY={no_proxy:?}");
+        let through = tunnels.load(Ordering::SeqCst) + forwards.load(Ordering::SeqCst) - before;
+        match no_proxy {
+            None => assert!(
+                through >= 2,
+                "IMS and upstream calls should use HTTP_PROXY: {through}"
+            ),
+            Some(_) => assert_eq!(through, 0, "NO_PROXY hosts went through the egress proxy"),
+        }
+    }
+}
