@@ -240,11 +240,12 @@ impl TokenManager {
         self.inner.wake.notify_one();
     }
 
-    /// Stops refreshing and touching metrics (the credential left the configuration);
-    /// requests in flight keep the token they hold.
+    /// Stops writing metrics (the credential left the configuration or got a new
+    /// manager); requests still holding this manager keep being served by it.
     pub fn retire(&self) {
+        // The task keeps refreshing while requests still hold this manager, so a 401
+        // among them can still be answered with a fresh token.
         self.inner.retired.store(true, Ordering::SeqCst);
-        self.task.abort();
     }
 
     /// Sets the expiry gauge from the token held now (after a failed reload's candidates overwrote it).
@@ -296,12 +297,13 @@ impl TokenManager {
                 true
             }
         };
-        if should_force && !self.inner.retired.load(Ordering::SeqCst) {
-            self.inner
-                .metrics
-                .token_forced_refreshes
-                .with_label_values(&[&self.inner.name])
-                .inc();
+        if should_force {
+            if let Some(metrics) = self.inner.metrics() {
+                metrics
+                    .token_forced_refreshes
+                    .with_label_values(&[&self.inner.name])
+                    .inc();
+            }
             tracing::warn!(credential = %self.inner.name, "upstream rejected the current token; forcing a refresh");
             self.inner.wake.notify_one();
         } else if !self.inner.force.load(Ordering::SeqCst)
@@ -395,6 +397,11 @@ impl TokenManager {
 }
 
 impl Inner {
+    /// The metrics to write to, unless retired.
+    fn metrics(&self) -> Option<&Metrics> {
+        (!self.retired.load(Ordering::SeqCst)).then_some(&*self.metrics)
+    }
+
     fn timing(&self) -> Timing {
         *self.timing.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -455,10 +462,11 @@ impl Inner {
             let idx = (first + step) % count;
             let started = Instant::now();
             let result = self.source.fetch(idx).await;
-            self.metrics
-                .token_fetch_duration
-                .with_label_values(&[&self.name])
-                .observe(started.elapsed().as_secs_f64());
+            if let Some(m) = self.metrics() {
+                m.token_fetch_duration
+                    .with_label_values(&[&self.name])
+                    .observe(started.elapsed().as_secs_f64());
+            }
             match result {
                 Ok(issued) => {
                     if idx != first {
@@ -470,10 +478,11 @@ impl Inner {
                     return Ok(());
                 }
                 Err(e) => {
-                    self.metrics
-                        .token_fetch_errors
-                        .with_label_values(&[&self.name, e.kind.label()])
-                        .inc();
+                    if let Some(m) = self.metrics() {
+                        m.token_fetch_errors
+                            .with_label_values(&[&self.name, e.kind.label()])
+                            .inc();
+                    }
                     let more = e.kind == FetchErrorKind::InvalidClient && step + 1 < count;
                     if more {
                         tracing::warn!(credential = %self.name, secret = idx + 1, error = %e, "client secret rejected; trying the next one");
@@ -494,10 +503,11 @@ impl Inner {
             .as_ref()
             .is_some_and(|t| t.usable_at(Instant::now()));
         tracing::error!(credential = %self.name, error = %e, old_token_still_valid = still_valid, "IMS token fetch failed");
-        self.metrics
-            .token_refreshes
-            .with_label_values(&[&self.name, "error"])
-            .inc();
+        if let Some(m) = self.metrics() {
+            m.token_refreshes
+                .with_label_values(&[&self.name, "error"])
+                .inc();
+        }
         let mut st = self.lock_status();
         st.last_error = Some(e);
         st.last_attempt_failed = true;
@@ -506,18 +516,14 @@ impl Inner {
     }
 
     fn publish_expiry(&self, token: &Token) {
-        if self.retired.load(Ordering::SeqCst) {
-            return;
-        }
         let unix = token
             .expires_at_wall
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        self.metrics
-            .token_expiry
-            .with_label_values(&[&self.name])
-            .set(unix);
+        if let Some(m) = self.metrics() {
+            m.token_expiry.with_label_values(&[&self.name]).set(unix);
+        }
     }
 
     fn install(&self, issued: IssuedToken, requested_at: Instant) {
@@ -541,10 +547,11 @@ impl Inner {
         };
         self.publish_expiry(&token);
 
-        self.metrics
-            .token_refreshes
-            .with_label_values(&[&self.name, "ok"])
-            .inc();
+        if let Some(m) = self.metrics() {
+            m.token_refreshes
+                .with_label_values(&[&self.name, "ok"])
+                .inc();
+        }
         tracing::info!(credential = %self.name, expires_in_seconds = issued.lifetime.as_secs(), fingerprint = %token.fingerprint, "new IMS token");
         self.current.store(Some(Arc::new(token)));
         let mut st = self.lock_status();

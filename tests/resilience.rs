@@ -634,3 +634,49 @@ async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(series_of(&metrics(&h).await, "fusion").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_across_a_reload_still_recovers_from_a_401() {
+    // One slot: the second request waits in the queue, holding the configuration it began with.
+    let with_secret = |secret: &str| Setup {
+        credential: "max_in_flight = 1".into(),
+        secrets: Some(vec![secret.into()]),
+        ..Setup::default()
+    };
+    let h = Harness::with_file(with_secret(SECRET)).await;
+    h.ready().await;
+    h.ims().add_client(CLIENT_ID, "second-secret");
+    let first = {
+        let url = h.url("/workfront/slow?ms=800");
+        tokio::spawn(async move { get(&url, &[("x-proxy-key", KEY)]).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the first request started",
+        || async { h.up().count() >= 1 },
+    )
+    .await;
+    let queued = tokio::spawn({
+        let url = h.url(PATH);
+        async move { get(&url, &[("x-proxy-key", KEY)]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A new secret renews the credential's manager; then every token is revoked.
+    h.write_config(&with_secret("second-secret"));
+    let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["renewed"][0], "workfront", "{}", r.text());
+    h.ims().revoke_all_tokens();
+
+    assert_eq!(first.await.unwrap().status, 200);
+    // Sent with the old manager's revoked token: 401, forced refresh, replay.
+    let r = tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("the queued request finished")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        h.up().invalid_tokens() >= 1,
+        "no 401 happened; the test shows nothing"
+    );
+}
