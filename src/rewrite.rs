@@ -258,7 +258,8 @@ const DECODE_ROUNDS: usize = 3;
 /// lenient decoders).
 pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| {
-        if !seg.contains(['.', '%', ';', '\\']) {
+        // A raw NUL never gets past hyper's URI parser, but the check stands on its own.
+        if !seg.contains(['.', '%', ';', '\\', '\0']) {
             return false;
         }
         let mut d: Vec<u8> = seg.as_bytes().to_vec();
@@ -409,6 +410,9 @@ mod tests {
             "/a/%C0%AF",
             "/a/%e0%80%ae",
             "/a/%2525252525",
+            // Found by fuzzing (path_checks): a raw NUL skipped the decoding checks.
+            "/a/x\0y",
+            "\n\0\u{3}",
         ] {
             assert!(has_dot_segment(p), "{p}");
         }
