@@ -418,7 +418,11 @@ async fn handle(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<S
             );
             // `?retry_after=` picks the value (seconds or an HTTP-date), `none` omits it.
             let retry_after = query_param(query, "retry_after")
-                .map(|v| percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned())
+                .map(|v| {
+                    percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
                 .unwrap_or_else(|| "2".into());
             if let Ok(v) = HeaderValue::from_str(&retry_after) {
                 if retry_after != "none" {
