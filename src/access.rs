@@ -44,6 +44,8 @@ impl Client {
 }
 
 struct Key {
+    /// The key's name, shared by every request it admits.
+    name: Arc<str>,
     config: KeyConfig,
     bucket: Option<Arc<Bucket>>,
 }
@@ -115,6 +117,7 @@ impl Access {
                     }
                 });
                 Arc::new(Key {
+                    name: Arc::from(k.name.as_str()),
                     config: k.clone(),
                     bucket,
                 })
@@ -162,7 +165,7 @@ impl Access {
             let eq: bool = k.config.sha256.ct_eq(digest.as_slice()).into();
             if eq && !k.config.disabled && found.is_none() {
                 found = Some(Client {
-                    name: Arc::from(k.config.name.as_str()),
+                    name: Arc::clone(&k.name),
                     key: Some(k.clone()),
                 });
             }

@@ -21,7 +21,8 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -75,8 +76,25 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    fresh_request_id()
+}
+
+/// A random per-process prefix and a counter, 32 hex digits: unique without a
+/// random draw and a `format!` per request.
+fn fresh_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut hex = [0u8; 32];
+    let halves = hex::encode_to_slice(prefix.to_be_bytes(), &mut hex[..16])
+        .and_then(|()| hex::encode_to_slice(n.to_be_bytes(), &mut hex[16..]));
+    match halves {
+        Ok(()) => {
+            HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        }
+        Err(_) => HeaderValue::from_static("unknown"),
+    }
 }
 
 /// Serves one request; never fails (refusals are responses).
@@ -663,22 +681,21 @@ fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
         .with_label_values(&labels)
         .observe(elapsed.as_secs_f64());
     let request_id = ctx.request_id.to_str().unwrap_or("-");
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    let upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
-    tracing::info!(
-        target: "ims_proxy::access",
+    // Whole microseconds: integer fields format several times faster than floats.
+    let duration_us = elapsed.as_micros() as u64;
+    let upstream_us = ctx.upstream_time.map(|d| d.as_micros() as u64);
+    crate::logging::access(&crate::logging::AccessLine {
         request_id,
         client,
         route,
-        method = %ctx.method,
-        path = %ctx.target,
-        status = status.as_u16(),
-        duration_ms,
-        upstream_ms,
-        token = ctx.token_fingerprint.as_deref(),
-        upstream_request_id = ctx.upstream_request_id.as_deref(),
-        "request"
-    );
+        method: ctx.method.as_str(),
+        path: &ctx.target,
+        status: status.as_u16(),
+        duration_us,
+        upstream_us,
+        token: ctx.token_fingerprint.as_deref(),
+        upstream_request_id: ctx.upstream_request_id.as_deref(),
+    });
     if let Some(audit) = &shared.audit {
         audit.record(&serde_json::json!({
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
@@ -689,8 +706,8 @@ fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
             "method": ctx.method.as_str(),
             "path": ctx.target,
             "status": status.as_u16(),
-            "duration_ms": duration_ms,
-            "upstream_ms": upstream_ms,
+            "duration_ms": duration_us as f64 / 1000.0,
+            "upstream_ms": upstream_us.map(|u| u as f64 / 1000.0),
             "upstream_request_id": ctx.upstream_request_id,
             "token_fingerprint": ctx.token_fingerprint,
         }));
