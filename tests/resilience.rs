@@ -156,17 +156,6 @@ async fn finish(mut set: JoinSet<Tally>) -> Tally {
     all
 }
 
-/// The value of one metric series (`name{labels}`), if exported.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().expect("numeric metric value"))
-}
-
-async fn metrics(h: &Harness) -> String {
-    get(&h.admin("/metrics"), &[]).await.text()
-}
-
 /// The `/tokens` entry of the workfront credential.
 async fn workfront_tokens(h: &Harness) -> serde_json::Value {
     let r = get(&h.admin("/tokens"), &[]).await;
@@ -225,7 +214,7 @@ async fn dozens_of_token_swaps_on_kept_alive_connections_lose_nothing() {
     // Every token was valid at the simulated IMS when the upstream received it,
     // and none had to be renewed because the upstream refused it.
     assert_eq!(h.up().invalid_tokens(), 0);
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -261,7 +250,7 @@ async fn ims_outage_keeps_the_old_token_then_refuses_then_recovers() {
     );
     assert_eq!(wf_get(&h).await.status, 200, "the old token still serves");
     assert_eq!(get(&h.admin("/readyz"), &[]).await.status, 503);
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert!(
         metric(
             &m,
@@ -428,7 +417,7 @@ async fn revoked_first_secret_falls_back_to_the_second_without_a_failed_request(
     let wf = workfront_tokens(&h).await;
     assert_eq!(wf["secret_index"], 2, "{wf}");
     assert_eq!(wf["state"], "valid", "{wf}");
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     // Refreshed several times since, yet the revoked secret was refused only once:
     // the working one is tried first from then on.
     assert!(wf["refreshes_ok"].as_u64() >= Some(4), "{wf}");
@@ -588,7 +577,7 @@ async fn a_refused_reload_leaves_no_series_for_the_credential_it_tried_to_add() 
     let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.json()["result"], "error", "{}", r.text());
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert!(
         series_of(&m, "newcomer").is_empty(),
         "{:?}",
@@ -627,7 +616,7 @@ async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
     let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["removed"][0], "fusion", "{}", r.text());
-    assert!(series_of(&metrics(&h).await, "fusion").is_empty());
+    assert!(series_of(&metrics_text(&h).await, "fusion").is_empty());
 
     // Past a refresh time of the removed credential, its request still running.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -635,7 +624,7 @@ async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
         !slow.is_finished(),
         "the request ended too soon to prove anything"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert!(
         series_of(&m, "fusion").is_empty(),
         "{:?}",
@@ -643,7 +632,7 @@ async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
     );
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(series_of(&metrics(&h).await, "fusion").is_empty());
+    assert!(series_of(&metrics_text(&h).await, "fusion").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,19 +20,9 @@ fn ops_key() -> String {
     )
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().expect("numeric metric value"))
-}
-
-async fn metrics(h: &Harness) -> String {
-    get(&h.admin("/metrics"), &[]).await.text()
-}
-
 async fn queued(h: &Harness) -> f64 {
     metric(
-        &metrics(h).await,
+        &metrics_text(h).await,
         r#"ims_proxy_queued_requests{credential="workfront"}"#,
     )
     .expect("queue gauge exported")
@@ -168,7 +158,7 @@ async fn rate_limit_admits_burst_plus_rate_over_seconds() {
     );
     assert_eq!(
         metric(
-            &metrics(&h).await,
+            &metrics_text(&h).await,
             r#"ims_proxy_auth_failures_total{reason="rate_limited"}"#
         ),
         Some(f64::from(limited))

@@ -40,20 +40,6 @@ fn last_token(h: &Harness) -> String {
     bearer_of(&h.up().last().expect("upstream saw a request"))
 }
 
-/// The value of one metric series (`name{labels}`), if exported.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map(|v| v.trim().parse().expect("numeric metric value"))
-}
-
-async fn metrics(h: &Harness) -> String {
-    get(&h.admin("/metrics"), &[]).await.text()
-}
-
 /// `/tokens` as text.
 async fn tokens_text(h: &Harness) -> String {
     let r = get(&h.admin("/tokens"), &[]).await;
@@ -395,7 +381,7 @@ async fn expired_token_is_never_sent() {
         ok,
         "each upstream request answered one client with 200"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -438,7 +424,7 @@ async fn upstream_401_forces_one_refresh_and_replays() {
         seen[n - 1].headers["x-request-id"],
         "the same request"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -470,7 +456,7 @@ async fn forced_refresh_happens_at_most_once_per_five_seconds() {
         calls,
         "IMS is not hammered by repeated 401s"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -536,7 +522,7 @@ async fn revoked_tokens_storm_costs_one_ims_call() {
         calls + 1,
         "20 rejected requests share one refresh"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -600,7 +586,7 @@ async fn tokens_endpoint_never_shows_the_token() {
     assert!(!text.contains(&token), "/tokens shows the token: {text}");
     assert!(!text.contains(SECRET), "/tokens shows the secret: {text}");
     assert!(!text.contains("fusion-secret"), "{text}");
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert!(
         !m.contains(&token) && !m.contains(SECRET),
         "/metrics shows a token or secret"
@@ -686,7 +672,7 @@ async fn invalid_client_is_reported() {
     assert!(err.contains("invalid_client"), "{err}");
     assert!(wf["expires_at"].is_null(), "{wf}");
     assert!(!tokens_text(&h).await.contains(wrong));
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     let n = metric(
         &m,
         r#"ims_proxy_token_fetch_errors_total{credential="workfront",error="invalid_client"}"#,
@@ -713,7 +699,7 @@ async fn rotation_uses_the_next_secret() {
     let wf = token_entry(&h, "workfront").await;
     assert_eq!(wf["secret_index"], 2, "{wf}");
     assert_eq!(wf["state"], "valid", "{wf}");
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(
             &m,
@@ -783,7 +769,7 @@ async fn reload_keeps_unchanged_credentials_token() {
     );
     assert_eq!(wf_get(&h).await.status, 200);
     assert_eq!(last_token(&h), before, "the same token after the reload");
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(&m, r#"ims_proxy_config_reloads_total{result="ok"}"#),
         Some(1.0),
@@ -848,7 +834,7 @@ async fn invalid_reload_leaves_config_running() {
         200,
         "the running config still serves"
     );
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(&m, r#"ims_proxy_config_reloads_total{result="error"}"#),
         Some(1.0),
@@ -868,7 +854,7 @@ async fn invalid_reload_leaves_config_running() {
     assert_eq!(r.json()["result"], "error");
     assert_eq!(wf_get(&h).await.status, 200);
     assert_eq!(h.ims().calls(), calls);
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(&m, r#"ims_proxy_config_reloads_total{result="error"}"#),
         Some(2.0),
@@ -911,7 +897,7 @@ async fn reload_with_unobtainable_token_is_refused() {
     let wf = token_entry(&h, "workfront").await;
     assert_eq!(wf["state"], "valid", "{wf}");
     assert_eq!(get(&h.admin("/readyz"), &[]).await.status, 200);
-    let m = metrics(&h).await;
+    let m = metrics_text(&h).await;
     assert_eq!(
         metric(&m, r#"ims_proxy_config_reloads_total{result="error"}"#),
         Some(1.0),

@@ -361,3 +361,15 @@ pub async fn raw(addr: std::net::SocketAddr, request: &[u8], limit: std::time::D
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The value of one metric series (`name{labels}`) in Prometheus text, if exported.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("numeric metric value"))
+}
+
+/// The admin port's `/metrics` text.
+pub async fn metrics_text(h: &Harness) -> String {
+    get(&h.admin("/metrics"), &[]).await.text()
+}
