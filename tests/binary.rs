@@ -15,26 +15,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ims-proxy");
-
-/// The binary, with an environment that does not depend on the caller's.
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for var in [
-        "RUST_LOG",
-        "IMS_PROXY_CONFIG",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
 /// A child process that is killed and reaped however the test ends.
 struct Proc {
     child: Child,

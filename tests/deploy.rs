@@ -7,6 +7,7 @@
 //! topology is run as separate `ims-proxy` processes on 127.0.0.1.
 
 mod support;
+use support::bin;
 
 use ims_proxy::config::Config;
 use serde::Deserialize;
@@ -16,8 +17,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ims-proxy");
 
 /// A file of this repository.
 fn repo(path: &str) -> PathBuf {
@@ -196,27 +195,6 @@ fn instruction<'a>(lines: &'a [String], name: &str) -> Vec<&'a str> {
 // ---------------------------------------------------------------------------
 // Child processes
 // ---------------------------------------------------------------------------
-
-/// The binary with an environment that does not depend on the caller's.
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for var in [
-        "RUST_LOG",
-        "IMS_PROXY_CONFIG",
-        "IMS_PROXY_ADMIN",
-        "IMS_PROXY_LOG_FORMAT",
-        "SIM_IMS_CLIENTS",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
 
 /// A child process, stopped and reaped however the test ends; its stderr goes to a file.
 struct Proc {

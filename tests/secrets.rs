@@ -16,7 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ims-proxy");
 /// A legacy Workfront session id a client might still send.
 const SESSION: &str = "SESSION-9f8e7d6c5b4a-secret";
 /// A wrong client key: it must not be logged either.
@@ -24,20 +23,9 @@ const WRONG_KEY: &str = "wrong-key-0000-aaaa-bbbb-cccc";
 /// A wrong client secret tried in a refused reload.
 const WRONG_SECRET: &str = "p8e-WrongSecretTriedInAReload";
 
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for var in [
-        "RUST_LOG",
-        "IMS_PROXY_CONFIG",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        c.env_remove(var);
-    }
+/// The binary at trace level, colours off.
+fn traced() -> Command {
+    let mut c = support::bin();
     c.env("RUST_LOG", "trace").env("NO_COLOR", "1");
     c
 }
@@ -136,7 +124,7 @@ async fn no_secret_key_or_token_appears_anywhere_in_a_trace_level_session() {
     std::fs::write(&path, &good).unwrap();
     let (stderr_path, stdout_path) = (dir.path().join("stderr"), dir.path().join("stdout"));
     let mut child = Proc(
-        bin()
+        traced()
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -284,7 +272,7 @@ async fn no_secret_key_or_token_appears_anywhere_in_a_trace_level_session() {
     for text in [&good, &config(&bad_setup, &ims, &up, proxy, admin)] {
         let f = dir.path().join("check.toml");
         std::fs::write(&f, text).unwrap();
-        let out = bin()
+        let out = traced()
             .args(["check", "--config"])
             .arg(&f)
             .arg("--fetch-tokens")

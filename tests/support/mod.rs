@@ -373,3 +373,28 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub async fn metrics_text(h: &Harness) -> String {
     get(&h.admin("/metrics"), &[]).await.text()
 }
+
+/// The real binary with an environment that does not depend on the caller's:
+/// no inherited log level or format, config path, admin address, simulator
+/// secrets or egress proxies.
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ims-proxy"));
+    for var in [
+        "RUST_LOG",
+        "IMS_PROXY_CONFIG",
+        "IMS_PROXY_ADMIN",
+        "IMS_PROXY_LOG_FORMAT",
+        "SIM_IMS_CLIENTS",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
