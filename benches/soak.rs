@@ -532,7 +532,10 @@ async fn main() {
             f.what
         );
     }
-    if !unexcused.is_empty() || reloads_failed_outside > 0 {
+    let failed = !unexcused.is_empty() || reloads_failed_outside > 0;
+    // exit() skips destructors: stop the proxy child first.
+    drop(proxy);
+    if failed {
         std::process::exit(1);
     }
 }
