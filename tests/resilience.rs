@@ -156,19 +156,6 @@ async fn finish(mut set: JoinSet<Tally>) -> Tally {
     all
 }
 
-/// The `/tokens` entry of the workfront credential.
-async fn workfront_tokens(h: &Harness) -> serde_json::Value {
-    let r = get(&h.admin("/tokens"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-        .as_array()
-        .expect("/tokens is a list")
-        .iter()
-        .find(|e| e["credential"] == "workfront")
-        .cloned()
-        .expect("workfront in /tokens")
-}
-
 async fn wf_get(h: &Harness) -> Reply {
     get(&h.url(PATH), &[("x-proxy-key", KEY)]).await
 }
@@ -239,10 +226,10 @@ async fn ims_outage_keeps_the_old_token_then_refuses_then_recovers() {
 
     // The refresh fails; the old token keeps serving, and the failure shows.
     eventually(Duration::from_secs(4), "a failed refresh", || async {
-        workfront_tokens(&h).await["refreshes_failed"].as_u64() >= Some(1)
+        token_entry(&h, "workfront").await["refreshes_failed"].as_u64() >= Some(1)
     })
     .await;
-    let wf = workfront_tokens(&h).await;
+    let wf = token_entry(&h, "workfront").await;
     assert_eq!(wf["state"], "failed", "{wf}");
     assert!(
         wf["last_error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -313,7 +300,7 @@ async fn ims_outage_keeps_the_old_token_then_refuses_then_recovers() {
     })
     .await;
     assert!(back.elapsed() <= step + Duration::from_secs(2));
-    let wf = workfront_tokens(&h).await;
+    let wf = token_entry(&h, "workfront").await;
     assert_eq!(wf["state"], "valid", "{wf}");
     assert!(wf["last_error"].is_null(), "{wf}");
     // Ready once every credential (fusion too) has its token again.
@@ -403,7 +390,7 @@ async fn revoked_first_secret_falls_back_to_the_second_without_a_failed_request(
     })
     .await;
     h.ready().await;
-    assert_eq!(workfront_tokens(&h).await["secret_index"], 1);
+    assert_eq!(token_entry(&h, "workfront").await["secret_index"], 1);
     let addr = h.server.proxy_addr;
     let until = Instant::now() + Duration::from_secs(4);
     let lanes = start_lanes(addr, 3, 2, until).await;
@@ -414,7 +401,7 @@ async fn revoked_first_secret_falls_back_to_the_second_without_a_failed_request(
 
     all.assert_clean();
     assert!(all.ok > 100, "only {} requests", all.ok);
-    let wf = workfront_tokens(&h).await;
+    let wf = token_entry(&h, "workfront").await;
     assert_eq!(wf["secret_index"], 2, "{wf}");
     assert_eq!(wf["state"], "valid", "{wf}");
     let m = metrics_text(&h).await;
@@ -567,13 +554,7 @@ async fn a_refused_reload_leaves_no_series_for_the_credential_it_tried_to_add() 
         "{}\n[credentials.newcomer]\nclient_id = \"unknown-client\"\nclient_secret = \"nope\"\nscopes = [\"openid\"]\n",
         h.config_text
     );
-    let path = h
-        .config_file
-        .as_ref()
-        .unwrap()
-        .path()
-        .join("ims-proxy.toml");
-    std::fs::write(&path, text).unwrap();
+    h.write_config_text(&text);
     let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.json()["result"], "error", "{}", r.text());
@@ -596,23 +577,14 @@ async fn a_removed_credentials_series_stay_gone_while_its_requests_finish() {
     })
     .await;
     h.ready().await;
-    let slow = {
-        let url = h.url("/fusion/slow?ms=2500");
-        tokio::spawn(async move { get(&url, &[("x-proxy-key", FUSION_KEY)]).await })
-    };
+    let slow = spawn_get(&h, "/fusion/slow?ms=2500", FUSION_KEY);
     eventually(
         Duration::from_secs(5),
         "the slow request started",
         || async { h.up().count() >= 1 },
     )
     .await;
-    let path = h
-        .config_file
-        .as_ref()
-        .unwrap()
-        .path()
-        .join("ims-proxy.toml");
-    std::fs::write(&path, without_fusion(&h.config_text)).unwrap();
+    h.write_config_text(&without_fusion(&h.config_text));
     let r = post(&h.admin("/reload"), &[], Bytes::new()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["removed"][0], "fusion", "{}", r.text());
@@ -646,20 +618,14 @@ async fn a_request_queued_across_a_reload_still_recovers_from_a_401() {
     let h = Harness::with_file(with_secret(SECRET)).await;
     h.ready().await;
     h.ims().add_client(CLIENT_ID, "second-secret");
-    let first = {
-        let url = h.url("/workfront/slow?ms=800");
-        tokio::spawn(async move { get(&url, &[("x-proxy-key", KEY)]).await })
-    };
+    let first = spawn_get(&h, "/workfront/slow?ms=800", KEY);
     eventually(
         Duration::from_secs(5),
         "the first request started",
         || async { h.up().count() >= 1 },
     )
     .await;
-    let queued = tokio::spawn({
-        let url = h.url(PATH);
-        async move { get(&url, &[("x-proxy-key", KEY)]).await }
-    });
+    let queued = spawn_get(&h, PATH, KEY);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A new secret renews the credential's manager; then every token is revoked.
     h.write_config(&with_secret("second-secret"));

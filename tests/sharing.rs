@@ -37,11 +37,6 @@ async fn wait_queued(h: &Harness, n: f64) {
     }
 }
 
-fn spawn_get(h: &Harness, path: &str, key: &'static str) -> tokio::task::JoinHandle<Reply> {
-    let url = h.url(path);
-    tokio::spawn(async move { get(&url, &[("x-proxy-key", key)]).await })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_keys_burst_does_not_starve_another_keys_request() {
     let h = Harness::with(Setup {

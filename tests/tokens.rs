@@ -47,19 +47,6 @@ async fn tokens_text(h: &Harness) -> String {
     r.text()
 }
 
-/// The `/tokens` entry of one credential.
-async fn token_entry(h: &Harness, credential: &str) -> serde_json::Value {
-    let r = get(&h.admin("/tokens"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let list = r.json();
-    list.as_array()
-        .expect("/tokens is a JSON list")
-        .iter()
-        .find(|e| e["credential"] == credential)
-        .unwrap_or_else(|| panic!("no {credential} in {list}"))
-        .clone()
-}
-
 /// `POST /reload` on the admin port.
 async fn reload(h: &Harness) -> Reply {
     post(&h.admin("/reload"), &[], Bytes::new()).await
@@ -847,8 +834,7 @@ async fn invalid_reload_leaves_config_running() {
     );
 
     // Not TOML at all.
-    let dir = h.config_file.as_ref().unwrap();
-    std::fs::write(dir.path().join("ims-proxy.toml"), "this is [not toml").unwrap();
+    h.write_config_text("this is [not toml");
     let r = reload(&h).await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.json()["result"], "error");

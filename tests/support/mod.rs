@@ -234,12 +234,17 @@ impl Harness {
     /// Rewrites the config file (for reload tests) from a new setup against the same simulators.
     pub fn write_config(&self, setup: &Setup) -> String {
         let text = config_text(setup, &self.ims.token_url(), &self.upstream.url());
+        self.write_config_text(&text);
+        text
+    }
+
+    /// Rewrites the config file with exactly `text` (broken or hand-edited configs).
+    pub fn write_config_text(&self, text: &str) {
         let dir = self
             .config_file
             .as_ref()
             .expect("harness started with_file");
-        std::fs::write(dir.path().join("ims-proxy.toml"), &text).expect("write config");
-        text
+        std::fs::write(dir.path().join("ims-proxy.toml"), text).expect("write config");
     }
 
     pub fn ims(&self) -> Arc<ImsState> {
@@ -397,4 +402,23 @@ pub fn bin() -> std::process::Command {
         c.env_remove(var);
     }
     c
+}
+
+/// The `/tokens` entry of one credential.
+pub async fn token_entry(h: &Harness, credential: &str) -> serde_json::Value {
+    let r = get(&h.admin("/tokens"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let list = r.json();
+    list.as_array()
+        .expect("/tokens is a JSON list")
+        .iter()
+        .find(|e| e["credential"] == credential)
+        .unwrap_or_else(|| panic!("no {credential} in {list}"))
+        .clone()
+}
+
+/// A GET with the client key `key`, running in its own task.
+pub fn spawn_get(h: &Harness, path: &str, key: &'static str) -> tokio::task::JoinHandle<Reply> {
+    let url = h.url(path);
+    tokio::spawn(async move { get(&url, &[("x-proxy-key", key)]).await })
 }
