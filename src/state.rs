@@ -175,9 +175,10 @@ impl Shared {
         report
     }
 
-    /// A refused reload: the running snapshot stays, candidate managers stop, series
-    /// they created for names the running config lacks go, and the running tokens'
-    /// expiry is published again (candidates may have overwritten it).
+    /// A refused reload: the running snapshot stays, candidate managers are retired (no
+    /// more metric writes; their tasks end when the caller drops them), series they
+    /// created for names the running config lacks go, and the running tokens' expiry is
+    /// published again (candidates may have overwritten it).
     fn refuse(
         &self,
         old: &Snapshot,
