@@ -129,7 +129,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_guard = logging::init(cli.log_format);
+    let log_guard = logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => {
             runtime().and_then(|rt| rt.block_on(ims_proxy::server::run(config)))
@@ -172,6 +172,8 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(standalone::run_upstream(listen)))
         }
     };
+    // Pending log lines go out before the final error, so they read in order.
+    drop(log_guard);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
