@@ -6,15 +6,17 @@
 //! connections at the header limit instead of `idle_timeout`; so the server
 //! enforces the head limit itself, from the bytes it sees arrive.
 
+use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The HTTP/2 connection preface, up to where it differs from every HTTP/1 method.
@@ -28,11 +30,18 @@ pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
     active: AtomicUsize,
+    /// Exchanges begun on this connection.
+    exchanges: AtomicU64,
+    /// Signalled when the last exchange in flight ends.
+    rested: Notify,
     /// Milliseconds since `epoch` when the last exchange ended.
     last_active_ms: AtomicU64,
     /// Milliseconds since `epoch` + 1 when the first byte of a pending HTTP/1 head arrived (0: none).
     head_started_ms: AtomicU64,
     protocol: AtomicU8,
+    /// The server is closing hyper's side of an idle connection to park the socket:
+    /// the closing must not shut the socket down.
+    parking: AtomicBool,
     epoch: Instant,
 }
 
@@ -42,10 +51,13 @@ impl ConnInfo {
         ConnInfo {
             peer,
             active: AtomicUsize::new(0),
+            exchanges: AtomicU64::new(0),
+            rested: Notify::new(),
             last_active_ms: AtomicU64::new(0),
             // The first head is timed from the accept: a silent client is cut off too.
             head_started_ms: AtomicU64::new(1),
             protocol: AtomicU8::new(0),
+            parking: AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -71,6 +83,41 @@ impl ConnInfo {
         started != 0
             && self.active.load(Ordering::SeqCst) == 0
             && Duration::from_millis(self.now_ms().saturating_sub(started - 1)) > limit
+    }
+
+    /// True when nothing is in flight and no request head has started arriving:
+    /// the connection may be parked.
+    pub fn at_rest(&self) -> bool {
+        self.active.load(Ordering::SeqCst) == 0 && self.head_started_ms.load(Ordering::SeqCst) == 0
+    }
+
+    /// How much longer a connection with nothing in flight may wait for a request:
+    /// the head limit from the accept for a new one, else the idle limit.
+    pub fn wait_left(&self, idle: Duration, head_limit: Duration) -> Duration {
+        let now = self.now_ms();
+        let started = self.head_started_ms.load(Ordering::SeqCst);
+        let (limit, since) = if started != 0 {
+            (head_limit, started - 1)
+        } else {
+            (idle, self.last_active_ms.load(Ordering::SeqCst))
+        };
+        limit.saturating_sub(Duration::from_millis(now.saturating_sub(since)))
+    }
+
+    /// Completes when the connection comes to rest (its last exchange in flight ends),
+    /// or at once if it did since the previous call.
+    pub async fn rested(&self) {
+        self.rested.notified().await
+    }
+
+    /// How many exchanges have begun on this connection.
+    pub fn exchanges(&self) -> u64 {
+        self.exchanges.load(Ordering::SeqCst)
+    }
+
+    /// Marks (or unmarks) the connection as being parked; see [`Watched`].
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::SeqCst);
     }
 
     fn saw_bytes(&self, bytes: &[u8]) {
@@ -114,6 +161,7 @@ impl ExchangeGuard {
     /// A request head is complete and its exchange begins.
     pub fn new(conn: &Arc<ConnInfo>) -> Self {
         conn.active.fetch_add(1, Ordering::SeqCst);
+        conn.exchanges.fetch_add(1, Ordering::SeqCst);
         conn.head_started_ms.store(0, Ordering::SeqCst);
         ExchangeGuard(conn.clone())
     }
@@ -124,7 +172,9 @@ impl Drop for ExchangeGuard {
         self.0
             .last_active_ms
             .store(self.0.now_ms(), Ordering::SeqCst);
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.rested.notify_one();
+        }
     }
 }
 
@@ -134,13 +184,25 @@ pin_project! {
         #[pin]
         io: I,
         conn: Arc<ConnInfo>,
+        // Bytes read before a park that belong to the next request: read first.
+        prefix: Bytes,
     }
 }
 
 impl<I> Watched<I> {
     /// Wraps `io` for `conn`.
     pub fn new(io: I, conn: Arc<ConnInfo>) -> Self {
-        Watched { io, conn }
+        Watched::with_prefix(io, conn, Bytes::new())
+    }
+
+    /// Wraps `io` for `conn`; reads yield `prefix` before anything from `io`.
+    pub fn with_prefix(io: I, conn: Arc<ConnInfo>, prefix: Bytes) -> Self {
+        Watched { io, conn, prefix }
+    }
+
+    /// The wrapped stream (the prefix must have been read or be carried separately).
+    pub fn into_inner(self) -> I {
+        self.io
     }
 }
 
@@ -152,6 +214,13 @@ impl<I: AsyncRead> AsyncRead for Watched<I> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.conn.saw_bytes(&buf.filled()[before..]);
+            return Poll::Ready(Ok(()));
+        }
         let polled = this.io.poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.conn.saw_bytes(&buf.filled()[before..]);
@@ -174,7 +243,12 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        let this = self.project();
+        if this.conn.parking.load(Ordering::SeqCst) {
+            // hyper's side closes; the socket stays open, parked for the next request.
+            return this.io.poll_flush(cx);
+        }
+        this.io.poll_shutdown(cx)
     }
 
     fn poll_write_vectored(

@@ -508,3 +508,104 @@ async fn admin_keep_alive_and_silent_clients_follow_the_limits() {
         started.elapsed()
     );
 }
+
+/// Reads one whole response with a `content-length` body (or none) from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut head = read_head(s).await;
+    let len: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .map_or(0, |v| v.parse().unwrap());
+    let body_start = head.find("\r\n\r\n").unwrap() + 4;
+    let mut have = head.len() - body_start;
+    let mut buf = vec![0u8; 4096];
+    while have < len {
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("body within 3 s")
+            .unwrap();
+        assert!(n > 0, "closed mid-body");
+        head.push_str(&String::from_utf8_lossy(&buf[..n]));
+        have += n;
+    }
+    head
+}
+
+#[tokio::test]
+async fn a_resting_keep_alive_connection_is_parked_and_loses_nothing() {
+    // A connection at rest is handed back by hyper and parked (only the socket is
+    // kept); the next request must find it as it was: same connection, still
+    // keep-alive, and bytes of a pipelined request that hyper had already read
+    // across the park are served, not dropped.
+    let h = Harness::with(Setup {
+        server: "header_read_timeout = \"5s\"\nidle_timeout = \"30s\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let before = h.up().requests().len();
+    let mut s = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    let req = |path: &str| {
+        format!("GET /workfront/{path} HTTP/1.1\r\nHost: x\r\nx-proxy-key: {KEY}\r\n\r\n")
+    };
+    // One request, then a pipelined one cut inside its head, in a single write.
+    let second = req("second");
+    let (second_a, second_b) = second.split_at(30);
+    s.write_all(format!("{}{second_a}", req("first")).as_bytes())
+        .await
+        .unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Long past the park delay: the partial head was carried over the park.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(second_b.as_bytes()).await.unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    // Rest, park, wake: three more times on the same socket.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(req("again").as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "round {round}: {r}");
+        assert!(
+            !r.to_ascii_lowercase().contains("connection: close"),
+            "round {round}: {r}"
+        );
+    }
+    let seen: Vec<String> = h.up().requests()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        seen,
+        ["/first", "/second", "/again", "/again", "/again"],
+        "what the upstream got"
+    );
+}
+
+#[tokio::test]
+async fn parked_connections_close_at_once_on_shutdown() {
+    let h = Harness::start().await;
+    h.ready().await;
+    let mut s = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    s.write_all(
+        format!("GET /workfront/x HTTP/1.1\r\nHost: x\r\nx-proxy-key: {KEY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    h.server.begin_shutdown();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("closed within 2 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
