@@ -11,7 +11,9 @@
 #     (benches/load/ims_stub.py) and a hashed client key;
 #   - for the token-swap scenario, a second ims-proxy whose tokens last 2 s, so
 #     it swaps tokens about once a second.
-# Then drives each with wrk (HTTP/1.1 saturation), h2load (h2c saturation),
+# Then drives each with wrk (HTTP/1.1 saturation; also the proxy's CPU time per
+# request, from /proc/PID/stat, which is steadier than req/s on a shared machine),
+# h2load (h2c saturation),
 # oha (fixed-rate latency with coordinated-omission correction) and curl
 # (1 GiB download), alternating direct / nginx / ims-proxy and rotating their
 # order every round, and prints Markdown tables of medians and ratios.
@@ -235,6 +237,15 @@ pids_of() { # target -> pids whose memory counts
         *) ;;
     esac
 }
+cpu_ticks() { # pids... -> user + system clock ticks, summed (steadier than req/s on a shared machine)
+    local t=0 p f
+    for p in "$@"; do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
+        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || f=0
+        t=$((t + ${f:-0}))
+    done
+    echo "$t"
+}
 mem_kib() { # pids... -> "rss_kib pss_kib" summed
     local files=()
     for p in "$@"; do files+=("/proc/$p/smaps_rollup"); done
@@ -305,8 +316,17 @@ run_wrk() { # scenario target round conns
     threads=$((WRK_THREADS < $4 ? WRK_THREADS : $4))
     ((WARMUP == 0)) || wrk -t "$threads" -c "$4" -d "${WARMUP}s" -H "x-proxy-key: $KEY" "$url" >/dev/null 2>&1 || true
     start_sampler "$2"
+    local pids t0 reqs
+    pids=$(pids_of "$2")
+    t0=$(cpu_ticks $pids)
     out=$(wrk -t "$threads" -c "$4" -d "${DURATION}s" --latency -H "x-proxy-key: $KEY" "$url" 2>&1) || true
     stop_sampler "$1" "$2" "$3"
+    reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
+    if [[ -n $pids && ${reqs:-0} -gt 0 ]]; then
+        # The proxy's CPU time per request served (nginx: master and workers).
+        rec "$1" "$2" "$3" cpu_us_per_req "$(awk -v t="$(($(cpu_ticks $pids) - t0))" -v hz="$(getconf CLK_TCK)" -v n="$reqs" \
+            'BEGIN { printf "%.2f", t * 1000000 / hz / n }')"
+    fi
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
