@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The HTTP/2 connection preface, up to where it differs from every HTTP/1 method.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 /// `protocol` values: bytes of the preface matched so far, then one of these.
 const HTTP1: u8 = 0xF1;
 const HTTP2: u8 = 0xF2;
@@ -200,9 +200,9 @@ impl<I> Watched<I> {
         Watched { io, conn, prefix }
     }
 
-    /// The wrapped stream (the prefix must have been read or be carried separately).
-    pub fn into_inner(self) -> I {
-        self.io
+    /// The wrapped stream and what is left of the prefix, unread.
+    pub fn into_parts(self) -> (I, Bytes) {
+        (self.io, self.prefix)
     }
 }
 
@@ -270,6 +270,21 @@ mod tests {
 
     fn conn() -> ConnInfo {
         ConnInfo::new("127.0.0.1:1".parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_prefix_read_in_part_hands_back_the_rest() {
+        use tokio::io::AsyncReadExt;
+        let c = Arc::new(conn());
+        let mut w = Watched::with_prefix(&b"tail"[..], c, Bytes::from_static(b"GET /x HT"));
+        let mut two = [0u8; 2];
+        w.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"GE");
+        let (mut io, rest) = w.into_parts();
+        assert_eq!(&rest[..], b"T /x HT");
+        let mut tail = Vec::new();
+        io.read_to_end(&mut tail).await.unwrap();
+        assert_eq!(tail, b"tail");
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,7 +5,7 @@ use crate::admin;
 use crate::body::BoxError;
 use crate::body::{Counted, ProxyBody};
 use crate::config::{Config, TlsFiles};
-use crate::conn::{ConnInfo, ExchangeGuard, Watched};
+use crate::conn::{ConnInfo, ExchangeGuard, Watched, H2_PREFACE};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
@@ -182,15 +182,9 @@ pub const MAX_HEADERS: usize = 100;
 /// 10,000 idle keep-alive clients cost about 3 KiB each instead of about 27.
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
-/// hyper's own head timer is off: it would also cut idle keep-alive connections
-/// (see `conn`); `serve_connection` enforces `header_read_timeout` instead.
-fn http1_builder() -> http1::Builder {
-    let mut b = http1::Builder::new();
-    configure_http1(&mut b);
-    b
-}
-
-/// Both HTTP/1 builders get the same settings.
+/// Both HTTP/1 builders get the same settings. hyper's own head timer is off: it
+/// would also cut idle keep-alive connections (see `conn`); the server enforces
+/// `header_read_timeout` itself.
 macro_rules! http1_settings {
     ($b:expr) => {
         $b.timer(TokioTimer::new())
@@ -201,10 +195,13 @@ macro_rules! http1_settings {
     };
 }
 
-fn configure_http1(b: &mut http1::Builder) {
+/// The HTTP/1 builder for plain connections, which can be parked.
+fn http1_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
     // The read buffer's cap alone lets a head slightly over it through when it
     // arrives in one large read; the parsed head is checked against this too.
     http1_settings!(b).max_header_size(MAX_HEAD_BYTES);
+    b
 }
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -423,9 +420,6 @@ async fn serve_plain<F, Fut, B>(
     }
 }
 
-/// The HTTP/2 preface up to where it differs from every HTTP/1 request line.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-
 /// Waits, holding nothing but the socket, for the next request's first bytes and
 /// peeks at them into `first` (how many), or returns 0 when the client closed or the
 /// idle or first-head limit or a shutdown closes the connection.
@@ -471,11 +465,7 @@ where
     let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
-    let (idle, head_limit) = (settings.idle_timeout, settings.header_read_timeout);
-    let mut tick = tokio::time::interval(
-        (idle.min(head_limit) / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = limits_tick(settings);
     // Armed each time the connection comes to rest, so a busy connection never ticks for it.
     let park_timer = tokio::time::sleep(PARK_AFTER);
     tokio::pin!(park_timer);
@@ -517,17 +507,14 @@ where
                     Pin::new(&mut connection).graceful_shutdown();
                 }
             }
-            _ = tick.tick() => {
-                if conn.head_overdue(head_limit) {
-                    tracing::debug!(peer = %conn.peer, "request head not complete within header_read_timeout; closing");
-                    return None;
-                }
-                if !draining && !parking && conn.idle_for() >= idle {
-                    tracing::debug!(peer = %conn.peer, "closing idle connection");
+            _ = tick.tick() => match check_limits(conn, settings, !draining && !parking) {
+                Limits::HeadOverdue => return None,
+                Limits::Idle => {
                     draining = true;
                     Pin::new(&mut connection).graceful_shutdown();
                 }
-            }
+                Limits::Fine => {}
+            },
         }
     }
     conn.set_parking(false);
@@ -535,9 +522,43 @@ where
         return None;
     }
     let parts = connection.into_parts();
-    // Copied out: the slice would keep hyper's whole read buffer alive while parked.
-    let unread = Bytes::copy_from_slice(&parts.read_buf);
-    Some((parts.io.into_inner().into_inner(), unread))
+    let (stream, not_yet_read) = parts.io.into_inner().into_parts();
+    // Copied out: a slice would keep hyper's whole read buffer alive while parked.
+    let mut unread = Vec::with_capacity(parts.read_buf.len() + not_yet_read.len());
+    unread.extend_from_slice(&parts.read_buf);
+    unread.extend_from_slice(&not_yet_read);
+    Some((stream, Bytes::from(unread)))
+}
+
+/// What the periodic check of a connection's limits found.
+enum Limits {
+    Fine,
+    /// A request head trickled in past `header_read_timeout` (slowloris): drop the connection.
+    HeadOverdue,
+    /// Idle past `idle_timeout`: close it gracefully.
+    Idle,
+}
+
+/// The tick that checks a connection's head and idle limits.
+fn limits_tick(settings: &ConnSettings) -> tokio::time::Interval {
+    let period = (settings.idle_timeout.min(settings.header_read_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Checks the head limit, then (when `idle_closes`) the idle limit.
+fn check_limits(conn: &ConnInfo, settings: &ConnSettings, idle_closes: bool) -> Limits {
+    if conn.head_overdue(settings.header_read_timeout) {
+        tracing::debug!(peer = %conn.peer, "request head not complete within header_read_timeout; closing");
+        Limits::HeadOverdue
+    } else if idle_closes && conn.idle_for() >= settings.idle_timeout {
+        tracing::debug!(peer = %conn.peer, "closing idle connection");
+        Limits::Idle
+    } else {
+        Limits::Fine
+    }
 }
 
 async fn serve_connection<I, F, Fut, B>(
@@ -559,11 +580,7 @@ async fn serve_connection<I, F, Fut, B>(
         .builder
         .serve_connection(TokioIo::new(Watched::new(io, conn.clone())), service);
     tokio::pin!(connection);
-    let (idle, head_limit) = (settings.idle_timeout, settings.header_read_timeout);
-    let mut tick = tokio::time::interval(
-        (idle.min(head_limit) / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = limits_tick(&settings);
     let mut draining = *shutdown.borrow();
     if draining {
         connection.as_mut().graceful_shutdown();
@@ -580,18 +597,14 @@ async fn serve_connection<I, F, Fut, B>(
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = tick.tick() => {
-                if conn.head_overdue(head_limit) {
-                    // Slowloris: a head trickled in past its limit; drop the connection.
-                    tracing::debug!(peer = %conn.peer, "request head not complete within header_read_timeout; closing");
-                    break;
-                }
-                if !draining && conn.idle_for() >= idle {
-                    tracing::debug!(peer = %conn.peer, "closing idle connection");
+            _ = tick.tick() => match check_limits(&conn, &settings, !draining) {
+                Limits::HeadOverdue => break,
+                Limits::Idle => {
                     draining = true;
                     connection.as_mut().graceful_shutdown();
                 }
-            }
+                Limits::Fine => {}
+            },
         }
     }
 }
