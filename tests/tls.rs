@@ -172,17 +172,22 @@ async fn https_upstream(tls: &Tls) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn https_upstream_trusted_through_ca_file_is_reached_over_h2() {
-    let tls = self_signed();
-    let upstream = https_upstream(&tls).await;
+/// A proxy whose routes go to an HTTPS upstream with `tls`'s certificate, trusted through `ca_file`.
+async fn proxy_to_trusted_https_upstream(tls: &Tls) -> Harness {
+    let upstream = https_upstream(tls).await;
     let ca = tls._dir.path().join("proxy.pem");
-    let h = Harness::with(Setup {
+    Harness::with(Setup {
         outbound: format!("ca_file = {:?}", ca.display().to_string()),
         upstream_url: Some(format!("https://127.0.0.1:{}", upstream.port())),
         ..Setup::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file_is_reached_over_h2() {
+    let tls = self_signed();
+    let h = proxy_to_trusted_https_upstream(&tls).await;
     let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().starts_with("HTTP/2.0 Bearer sim-"), "{}", r.text());
@@ -373,14 +378,7 @@ async fn an_unusable_certificate_on_reload_is_refused_and_the_running_one_stays(
 #[tokio::test]
 async fn client_trailers_never_reach_an_h2_upstream() {
     let tls = self_signed();
-    let upstream = https_upstream(&tls).await;
-    let ca = tls._dir.path().join("proxy.pem");
-    let h = Harness::with(Setup {
-        outbound: format!("ca_file = {:?}", ca.display().to_string()),
-        upstream_url: Some(format!("https://127.0.0.1:{}", upstream.port())),
-        ..Setup::default()
-    })
-    .await;
+    let h = proxy_to_trusted_https_upstream(&tls).await;
     h.ready().await;
     let addr = h.server.proxy_addr;
     let req = format!(
