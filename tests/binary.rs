@@ -264,17 +264,6 @@ fn check_prints_routes_and_never_the_secret() {
     }
 }
 
-/// A simulated IMS that knows the test credentials, and an upstream that checks its tokens.
-async fn simulators() -> (SimIms, SimUpstream) {
-    let ims = SimIms::start().await.expect("sim IMS");
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let upstream = SimUpstream::start(Some(ims.state()))
-        .await
-        .expect("sim upstream");
-    (ims, upstream)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fetch_tokens_reports_ok_and_invalid_client() {
     let ims = SimIms::start().await.expect("sim IMS");

@@ -208,12 +208,7 @@ async fn a_failed_reload_leaves_the_running_tokens_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_proxy_and_no_proxy_from_the_environment_are_honoured() {
     let (egress, tunnels, forwards) = egress_proxy(false).await;
-    let ims = ims_proxy::sim::SimIms::start().await.unwrap();
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let up = ims_proxy::sim::SimUpstream::start(Some(ims.state()))
-        .await
-        .unwrap();
+    let (ims, up) = simulators().await;
     let dir = tempfile::tempdir().unwrap();
     for no_proxy in [None, Some("localhost,127.0.0.1")] {
         let free = || {

@@ -1043,12 +1043,7 @@ async fn on_ipv6(
     ims_proxy::sim::SimIms,
     ims_proxy::sim::SimUpstream,
 ) {
-    let ims = ims_proxy::sim::SimIms::start().await.unwrap();
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let up = ims_proxy::sim::SimUpstream::start(Some(ims.state()))
-        .await
-        .unwrap();
+    let (ims, up) = simulators().await;
     let setup = Setup {
         access: format!("allow_cidrs = {allow}"),
         ..Setup::default()

@@ -108,10 +108,7 @@ fn windows(token: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_key_or_token_appears_anywhere_in_a_trace_level_session() {
-    let ims = SimIms::start().await.unwrap();
-    ims.state().add_client(CLIENT_ID, SECRET);
-    ims.state().add_client("fusion-client-id", "fusion-secret");
-    let up = SimUpstream::start(Some(ims.state())).await.unwrap();
+    let (ims, up) = simulators().await;
     let dir = tempfile::tempdir().unwrap();
     let (proxy, admin) = (free_addr(), free_addr());
     let audit = dir.path().join("audit.jsonl");

@@ -153,6 +153,17 @@ routes = ["fusion"]
     )
 }
 
+/// A simulated IMS that knows the test credentials, and an upstream that checks its tokens.
+pub async fn simulators() -> (SimIms, SimUpstream) {
+    let ims = SimIms::start().await.expect("sim IMS");
+    ims.state().add_client(CLIENT_ID, SECRET);
+    ims.state().add_client("fusion-client-id", "fusion-secret");
+    let upstream = SimUpstream::start(Some(ims.state()))
+        .await
+        .expect("sim upstream");
+    (ims, upstream)
+}
+
 impl Harness {
     /// Simulators plus proxy with the default setup.
     pub async fn start() -> Harness {
