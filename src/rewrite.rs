@@ -70,15 +70,23 @@ const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Split the raw bytes: one non-ASCII byte must not hide the names beside it.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // Each `Connection` value is cloned (a reference count) and its names removed by
+    // `&str`, which looks up without building a `HeaderName`: upstreams send
+    // `Connection: keep-alive` on every response, and building one allocated per request.
+    let mut i = 0;
+    while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() {
+        // Split the raw bytes: one non-ASCII byte must not hide the names beside it.
+        for name in value.as_bytes().split(|b| *b == b',') {
+            let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
+                continue;
+            };
+            // `Connection` itself goes last, with the fixed list: removing it now would
+            // lose the values not yet read.
+            if !name.eq_ignore_ascii_case("connection") {
+                headers.remove(name);
+            }
+        }
+        i += 1;
     }
     for n in &HOP_BY_HOP {
         headers.remove(n);
@@ -451,6 +459,19 @@ mod tests {
         h.insert("cookie", HeaderValue::from_static("c=1"));
         h.insert("sessionid", HeaderValue::from_static("s"));
         strip_request_headers(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn connection_naming_itself_does_not_hide_its_later_values() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Connection, X-A"));
+        h.append("connection", HeaderValue::from_static("X-B"));
+        for n in ["x-a", "x-b", "x-keep"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
     }
