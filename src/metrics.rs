@@ -1,9 +1,11 @@
 //! Prometheus metrics: the names and labels of the spec, in a registry per server.
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 /// Every metric the proxy exports.
 pub struct Metrics {
@@ -187,6 +189,15 @@ impl Metrics {
         m
     }
 
+    /// The chargeback counters of one route and client.
+    pub fn chargeback(&self, route: &str, client: &str) -> Chargeback {
+        Chargeback {
+            request_bytes: self.request_bytes.with_label_values(&[route, client]),
+            response_bytes: self.response_bytes.with_label_values(&[route, client]),
+            upstream_throttled: self.upstream_throttled.with_label_values(&[route, client]),
+        }
+    }
+
     /// Drops a removed credential's series, so it does not linger as "expired".
     pub fn forget_credential(&self, name: &str) {
         let _ = self.token_expiry.remove_label_values(&[name]);
@@ -251,5 +262,45 @@ pub fn status_label(code: u16) -> &'static str {
             400..=499 => "4xx",
             _ => "5xx",
         },
+    }
+}
+
+/// A route and client's counters, resolved ahead of the requests that add to them.
+#[derive(Clone)]
+pub struct Chargeback {
+    /// `ims_proxy_request_bytes_total{route,client}`.
+    pub request_bytes: IntCounter,
+    /// `ims_proxy_response_bytes_total{route,client}`.
+    pub response_bytes: IntCounter,
+    /// `ims_proxy_upstream_throttled_total{route,client}`.
+    pub upstream_throttled: IntCounter,
+}
+
+/// Chargeback counters for every route and client that may use it, by route then client.
+///
+/// Built with each snapshot, so a request takes its counters from a map instead of
+/// hashing labels under each metric family's lock.
+#[derive(Default)]
+pub struct ChargebackTable(HashMap<String, HashMap<String, Chargeback>>);
+
+impl ChargebackTable {
+    /// Creates the route and client's series at zero and keeps their handles.
+    pub fn register(&mut self, metrics: &Metrics, route: &str, client: &str) {
+        self.0
+            .entry(route.to_string())
+            .or_default()
+            .insert(client.to_string(), metrics.chargeback(route, client));
+    }
+
+    /// The route and client's counters; resolved by label for a pair not registered.
+    pub fn get(&self, metrics: &Metrics, route: &str, client: &str) -> Cow<'_, Chargeback> {
+        match self
+            .0
+            .get(route)
+            .and_then(|by_client| by_client.get(client))
+        {
+            Some(c) => Cow::Borrowed(c),
+            None => Cow::Owned(metrics.chargeback(route, client)),
+        }
     }
 }

@@ -5,7 +5,7 @@ use crate::access::{api_key_candidates, Client, Refusal};
 use crate::body::{full, streamed, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
-use crate::metrics::{status_label, Metrics};
+use crate::metrics::{status_label, Chargeback, Metrics};
 use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
 use crate::route::Route;
 use crate::slots::{Slot, TimedOut};
@@ -184,9 +184,8 @@ async fn journey(
         _ => None,
     };
     rewrite_request(&mut parts, &route, &cred, &token, ctx, form_len);
-    let counter = metrics
-        .request_bytes
-        .with_label_values(&[route.name(), &client.name]);
+    let chargeback = snap.chargeback.get(metrics, route.name(), &client.name);
+    let counter = chargeback.request_bytes.clone();
     let upstream = Upstream {
         snap,
         metrics,
@@ -216,10 +215,9 @@ async fn journey(
     };
     Ok(stream_back(
         resp,
-        metrics,
         &route,
         &cred,
-        &client,
+        &chargeback,
         ctx,
         (inflight, slot),
     ))
@@ -594,10 +592,9 @@ fn rewrite_request(
 /// The upstream's response, cleaned, streamed to the client; `guards` live until its body ends.
 fn stream_back(
     resp: Response<Incoming>,
-    metrics: &Metrics,
     route: &Route,
     cred: &CredentialRuntime,
-    client: &Client,
+    chargeback: &Chargeback,
     ctx: &mut RequestCtx,
     guards: impl crate::body::Guard,
 ) -> Response<ProxyBody> {
@@ -609,10 +606,7 @@ fn stream_back(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if parts.status == StatusCode::TOO_MANY_REQUESTS {
-        metrics
-            .upstream_throttled
-            .with_label_values(&[route.name(), &client.name])
-            .inc();
+        chargeback.upstream_throttled.inc();
         if cred.config.respect_retry_after {
             if let Some(wait) = parts
                 .headers
@@ -631,10 +625,10 @@ fn stream_back(
     parts.version = Version::HTTP_11;
     rewrite::strip_response_headers(&mut parts.headers, route.config.pass_cookies);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
-    let counter = metrics
-        .response_bytes
-        .with_label_values(&[route.name(), &client.name]);
-    Response::from_parts(parts, streamed(body, Some(counter)).with_guard(guards))
+    Response::from_parts(
+        parts,
+        streamed(body, Some(chargeback.response_bytes.clone())).with_guard(guards),
+    )
 }
 
 /// Longest hold-back a `Retry-After` can impose, whatever it says.

@@ -6,7 +6,7 @@ use crate::access::Access;
 use crate::audit::AuditLog;
 use crate::config::{Config, CredentialConfig};
 use crate::ims::ImsClient;
-use crate::metrics::Metrics;
+use crate::metrics::{ChargebackTable, Metrics};
 use crate::route::Router;
 use crate::slots::Slots;
 use crate::token::{ImsSource, Timing, TokenManager, TokenReport};
@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub access: Access,
     /// Credentials by name.
     pub credentials: HashMap<String, Arc<CredentialRuntime>>,
+    /// Byte counters per route and client, resolved once per snapshot.
+    pub chargeback: ChargebackTable,
     /// Pooled upstream client.
     pub upstream: UpstreamClient,
     /// The IMS client every token manager of this snapshot fetches through.
@@ -400,13 +402,11 @@ fn build_snapshot(
             .map(|k| (k.name.as_str(), k.routes.as_ref()))
             .collect(),
     };
+    let mut chargeback = ChargebackTable::default();
     for r in &config.routes {
         for (client, allowed) in &clients {
             if allowed.is_none_or(|a| a.contains(&r.name)) {
-                let labels = [r.name.as_str(), client];
-                metrics.upstream_throttled.with_label_values(&labels);
-                metrics.request_bytes.with_label_values(&labels);
-                metrics.response_bytes.with_label_values(&labels);
+                chargeback.register(metrics, &r.name, client);
             }
         }
     }
@@ -451,6 +451,7 @@ fn build_snapshot(
         router,
         access,
         credentials,
+        chargeback,
         upstream,
         ims,
     })
