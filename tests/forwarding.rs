@@ -304,6 +304,52 @@ async fn metrics_endpoint_exports_every_metric_of_the_spec() {
 }
 
 #[tokio::test]
+async fn chargeback_bytes_are_counted_exactly_across_a_reload() {
+    let h = Harness::start().await;
+    let series =
+        |kind: &str| format!(r#"ims_proxy_{kind}_bytes_total{{client="etl",route="workfront"}}"#);
+    let (mut sent, mut received) = (0usize, 0usize);
+    // The second round runs on the snapshot a reload built: same series, no reset.
+    for round in 0..2 {
+        if round == 1 {
+            let report = h.apply(&h.config_text).await;
+            assert_eq!(report.result, "ok", "{report:?}");
+        }
+        let body = vec![b'x'; 1000 + round];
+        let r = post(
+            &h.url("/workfront/attask/api/upload"),
+            &[
+                ("x-proxy-key", KEY),
+                ("content-type", "application/octet-stream"),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        sent += body.len();
+        received += r.body.len();
+        let r = get(
+            &h.url("/workfront/files/download?bytes=5000"),
+            &[("x-proxy-key", KEY)],
+        )
+        .await;
+        assert_eq!((r.status.as_u16(), r.body.len()), (200, 5000));
+        received += r.body.len();
+        let text = metrics_text(&h).await;
+        assert_eq!(
+            metric(&text, &series("request")),
+            Some(sent as f64),
+            "{text}"
+        );
+        assert_eq!(
+            metric(&text, &series("response")),
+            Some(received as f64),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn upstream_429_is_passed_on_and_counted_and_held_back_when_asked() {
     let h = Harness::with(Setup {
         credential: "respect_retry_after = true".into(),
