@@ -48,7 +48,7 @@ pub struct Snapshot {
     pub access: Access,
     /// Credentials by name.
     pub credentials: HashMap<String, Arc<CredentialRuntime>>,
-    /// Byte counters per route and client, resolved once per snapshot.
+    /// Chargeback counters (bytes, upstream 429s) per route and client, resolved once per snapshot.
     pub chargeback: ChargebackTable,
     /// Pooled upstream client.
     pub upstream: UpstreamClient,
