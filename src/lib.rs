@@ -23,3 +23,4 @@ pub mod slots;
 pub mod state;
 pub mod token;
 pub mod upstream;
+pub mod workers;

@@ -121,7 +121,10 @@ enum Command {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    // The proxy port is served by its own worker threads (`server.workers`); this
+    // runtime keeps token refreshes, reloads, signals and the admin port.
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))

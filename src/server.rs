@@ -9,6 +9,7 @@ use crate::conn::{ConnInfo, ExchangeGuard, Watched, H2_PREFACE};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
+use crate::workers::Workers;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -70,8 +71,11 @@ pub struct ServerHandle {
     /// The shared state (snapshot, metrics).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    proxy_task: JoinHandle<DrainReport>,
+    /// One accept loop per worker, each draining its own connections.
+    proxy_tasks: Vec<JoinHandle<DrainReport>>,
     admin_task: JoinHandle<DrainReport>,
+    /// The proxy's worker threads; dropping the handle stops them.
+    workers: Workers,
 }
 
 impl ServerHandle {
@@ -80,13 +84,23 @@ impl ServerHandle {
         self.shutdown.send_replace(true);
     }
 
-    /// Waits until both servers have drained (or cut what was left at the grace limit).
+    /// Waits until both servers have drained (or cut what was left at the grace
+    /// limit), then stops the worker threads.
     pub async fn wait(self) -> DrainReport {
-        let p = self.proxy_task.await.unwrap_or_default();
-        let a = self.admin_task.await.unwrap_or_default();
-        DrainReport {
-            cut_connections: p.cut_connections + a.cut_connections,
+        let mut cut = 0;
+        for task in self.proxy_tasks {
+            cut += task.await.unwrap_or_default().cut_connections;
         }
+        cut += self.admin_task.await.unwrap_or_default().cut_connections;
+        drop(self.workers);
+        DrainReport {
+            cut_connections: cut,
+        }
+    }
+
+    /// How many worker threads serve the proxy listener.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 
     /// `begin_shutdown` then `wait`.
@@ -231,6 +245,7 @@ pub async fn start_with_metrics(
     metrics: Arc<Metrics>,
 ) -> Result<ServerHandle, StartError> {
     let s = &config.server;
+    let worker_count = s.workers;
     let proxy_listener = TcpListener::bind(s.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -275,13 +290,29 @@ pub async fn start_with_metrics(
         let _ = shared.tls.set(cert);
     }
     let (shutdown, _) = watch::channel(false);
-    let sh = shared.clone();
-    let proxy_task = tokio::spawn(accept_loop(
-        proxy_listener,
-        settings,
-        move |conn, req| proxy::handle(sh.clone(), conn, req),
-        shutdown.subscribe(),
-    ));
+    let workers = Workers::start(worker_count)
+        .map_err(|e| StartError::Setup(format!("server.workers: cannot start threads: {e}")))?;
+    // Every worker accepts on the same socket: whichever is free takes the next connection.
+    let listener = proxy_listener
+        .into_std()
+        .map_err(|e| StartError::Setup(format!("server.listen: {e}")))?;
+    let mut proxy_tasks = Vec::with_capacity(workers.len());
+    for worker in workers.handles() {
+        let own = {
+            // Registered with the worker's own reactor.
+            let _in_worker = worker.enter();
+            listener.try_clone().and_then(TcpListener::from_std)
+        }
+        .map_err(|e| StartError::Setup(format!("server.listen: {e}")))?;
+        let sh = shared.clone();
+        proxy_tasks.push(worker.spawn(accept_loop(
+            own,
+            settings.clone(),
+            move |conn, req| proxy::handle(sh.clone(), conn, req),
+            shutdown.subscribe(),
+        )));
+    }
+    drop(listener);
     let sh = shared.clone();
     let admin_task = tokio::spawn(accept_loop(
         admin_listener,
@@ -298,14 +329,15 @@ pub async fn start_with_metrics(
         },
         shutdown.subscribe(),
     ));
-    tracing::info!(listen = %proxy_addr, admin = %admin_addr, tls = shared.snapshot.load().config.server.tls.is_some(), "ims-proxy serving");
+    tracing::info!(listen = %proxy_addr, admin = %admin_addr, tls = shared.snapshot.load().config.server.tls.is_some(), workers = workers.len(), "ims-proxy serving");
     Ok(ServerHandle {
         proxy_addr,
         admin_addr,
         shared,
         shutdown,
-        proxy_task,
+        proxy_tasks,
         admin_task,
+        workers,
     })
 }
 

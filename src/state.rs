@@ -119,7 +119,7 @@ impl Shared {
             &config.outbound,
             config.ims.request_timeout,
         )?));
-        let upstream = upstream::build(&config.outbound)?;
+        let upstream = upstream::build(&config.outbound, config.server.workers)?;
         let managers = config
             .credentials
             .iter()
@@ -223,6 +223,9 @@ impl Shared {
         ) {
             warnings.push("server.header_read_timeout, idle_timeout and shutdown_grace take effect on restart".to_string());
         }
+        if config.server.workers != old.config.server.workers {
+            warnings.push("server.workers changed; it takes effect on restart".to_string());
+        }
         if config.server.audit_log != old.config.server.audit_log {
             warnings.push("server.audit_log changed; it takes effect on restart".to_string());
         }
@@ -261,7 +264,8 @@ impl Shared {
         let upstream = if config.outbound == old.config.outbound {
             old.upstream.clone()
         } else {
-            match upstream::build(&config.outbound) {
+            // The worker count is fixed until restart: one pool for each running worker.
+            match upstream::build(&config.outbound, old.upstream.pools()) {
                 Ok(c) => c,
                 Err(e) => return self.refuse(&old, e, &[]),
             }

@@ -1,14 +1,17 @@
 //! The pooled upstream client: keep-alive connections over rustls (web PKI
 //! roots plus `ca_file`), HTTP/2 by ALPN, plain http for local upstreams, and
-//! CONNECT tunnels through the egress proxy where one applies.
+//! CONNECT tunnels through the egress proxy where one applies. One pool per
+//! worker thread (see `workers`), so an upstream connection is always driven
+//! on the thread whose requests use it.
 
 use crate::body::{BoxError, ProxyBody};
 use crate::config::OutboundConfig;
-use http::Uri;
+use crate::workers;
+use http::{Request, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
@@ -21,8 +24,27 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-/// The client the hot path forwards with.
-pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
+/// One worker's pooled client.
+type Pool = Client<HttpsConnector<EgressConnector>, ProxyBody>;
+
+/// The client the hot path forwards with: one pool per worker thread.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pools: Arc<[Pool]>,
+}
+
+impl UpstreamClient {
+    /// Sends `req` on the calling worker's own pool (the first pool off the workers).
+    pub fn request(&self, req: Request<ProxyBody>) -> ResponseFuture {
+        // `build` never makes an empty set; the modulo keeps a stray index in range.
+        self.pools[workers::current() % self.pools.len()].request(req)
+    }
+
+    /// How many pools (workers) this client serves.
+    pub fn pools(&self) -> usize {
+        self.pools.len()
+    }
+}
 
 /// Which destinations go through an egress proxy: `outbound.proxy` for all,
 /// else `HTTPS_PROXY`/`HTTP_PROXY`; `NO_PROXY` exempts hosts either way.
@@ -117,8 +139,17 @@ pub fn tls_client_config(outbound: &OutboundConfig) -> Result<rustls::ClientConf
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
-/// Builds the pooled client.
-pub fn build(outbound: &OutboundConfig) -> Result<UpstreamClient, String> {
+/// Builds the pooled client, with a pool for each of `workers` (at least one).
+pub fn build(outbound: &OutboundConfig, workers: usize) -> Result<UpstreamClient, String> {
+    let tls = tls_client_config(outbound)?;
+    let matcher = Arc::new(egress_matcher(outbound));
+    let pools = (0..workers.max(1))
+        .map(|_| pool(outbound, tls.clone(), matcher.clone()))
+        .collect();
+    Ok(UpstreamClient { pools })
+}
+
+fn pool(outbound: &OutboundConfig, tls: rustls::ClientConfig, matcher: Arc<Matcher>) -> Pool {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -126,17 +157,17 @@ pub fn build(outbound: &OutboundConfig) -> Result<UpstreamClient, String> {
     http.set_keepalive(Some(Duration::from_secs(60)));
     let egress = EgressConnector {
         direct: http,
-        matcher: Arc::new(egress_matcher(outbound)),
+        matcher,
     };
     let https = HttpsConnectorBuilder::new()
-        .with_tls_config(tls_client_config(outbound)?)
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(egress);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(outbound.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https))
+        .build(https)
 }

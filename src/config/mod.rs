@@ -21,6 +21,10 @@ use std::time::Duration;
 /// The default Adobe IMS token endpoint (OAuth Server-to-Server).
 pub const DEFAULT_TOKEN_URL: &str = "https://ims-na1.adobelogin.com/ims/token/v3";
 
+/// Most worker threads `server.workers` accepts: far beyond any core count, low
+/// enough that a typo does not start a million threads.
+const MAX_WORKERS: u64 = 1024;
+
 /// A configuration problem, always naming the key (or the file) it is about.
 ///
 /// Displayed as `FILE:LINE: KEY: MESSAGE` when the file and line are known
@@ -105,6 +109,8 @@ pub struct ServerConfig {
     pub max_scrub_body_bytes: u64,
     /// Optional JSON-lines audit file.
     pub audit_log: Option<PathBuf>,
+    /// Threads serving the proxy listener, each with its own runtime and upstream pool.
+    pub workers: usize,
 }
 
 /// Certificate chain and private key (PEM) for client-facing TLS.
@@ -433,6 +439,16 @@ impl Validator<'_> {
                 "must be greater than zero",
             ));
         }
+        let workers = match s.workers {
+            None => crate::workers::default_count(),
+            Some(n @ 1..=MAX_WORKERS) => n as usize,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "server.workers",
+                    format!("must be between 1 and {MAX_WORKERS} (default: one per CPU)"),
+                ))
+            }
+        };
         Ok(ServerConfig {
             listen: socket_addr("server.listen", s.listen.as_ref(), "127.0.0.1:8080")?,
             admin_listen: socket_addr(
@@ -458,6 +474,7 @@ impl Validator<'_> {
             )?,
             max_scrub_body_bytes: max,
             audit_log: s.audit_log.as_ref().map(|p| self.path(p)),
+            workers,
         })
     }
 

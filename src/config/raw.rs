@@ -34,6 +34,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub max_scrub_body_bytes: Option<u64>,
     pub audit_log: Option<String>,
+    pub workers: Option<u64>,
 }
 
 /// `[ims]`.
