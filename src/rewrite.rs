@@ -4,72 +4,77 @@
 //! every parameter that is not a credential reaches the upstream byte-identical.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName};
+use http::{header, HeaderMap};
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+    )
+}
 
 /// Client credentials and headers only the proxy may set upstream.
-static CLIENT_CREDENTIALS: [HeaderName; 6] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("x-proxy-key"),
-    HeaderName::from_static("x-gw-ims-org-id"),
-    HeaderName::from_static("sessionid"),
-    header::EXPECT,
-];
+fn is_client_credential(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization" | "x-api-key" | "x-proxy-key" | "x-gw-ims-org-id" | "sessionid" | "expect"
+    )
+}
 
 /// Headers that claim where the request came from or what it first asked for. The
 /// proxy adds none of them, so any that arrive were written by the client and an
-/// upstream trusting them (IP allow lists, path overrides) would be misled.
-const CLIENT_CLAIMS: [&str; 8] = [
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-host",
-];
-
-/// Prefix of the de-facto `X-Forwarded-For`/`-Host`/`-Proto`/`-Port`/`-Prefix` family.
-const X_FORWARDED: &str = "x-forwarded-";
+/// upstream trusting them (IP allow lists, path overrides) would be misled. Also
+/// the de-facto `X-Forwarded-For`/`-Host`/`-Proto`/`-Port`/`-Prefix` family.
+fn is_forwarding_claim(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "true-client-ip"
+                | "x-cluster-client-ip"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "x-original-host"
+        )
+}
 
 /// True for a client header the upstream must not see: a credential or proxy-owned
 /// header spelled with `_` for `-` (CGI-style servers read `x_api_key` as
 /// `x-api-key`), or a forwarding/origin claim.
 fn is_client_claim(name: &str) -> bool {
-    let dashed: Cow<'_, str> = if name.contains('_') {
-        Cow::Owned(name.replace('_', "-"))
-    } else {
-        Cow::Borrowed(name)
-    };
-    dashed.starts_with(X_FORWARDED)
-        || CLIENT_CLAIMS.contains(&dashed.as_ref())
-        || (name.contains('_')
-            && CLIENT_CREDENTIALS
-                .iter()
-                .chain(&HOP_BY_HOP)
-                .any(|h| h.as_str() == dashed))
+    if !name.contains('_') {
+        return is_forwarding_claim(name);
+    }
+    let dashed = name.replace('_', "-");
+    is_forwarding_claim(&dashed) || is_client_credential(&dashed) || is_hop_by_hop(&dashed)
 }
 
 /// Parameter names (case-insensitive, after percent-decoding) that carry legacy credentials.
 const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
 
-/// Removes hop-by-hop headers, including every header named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes every header `doomed` picks by name. One scan of the (few) names per
+/// removal instead of a hash lookup per listed name, and no allocation: most
+/// requests carry one such header (the proxy key), most responses one (`Connection`).
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
+    while let Some(name) = headers.keys().find(|n| doomed(n.as_str())).cloned() {
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers named in `Connection` (not `Connection` itself).
+fn remove_connection_named(headers: &mut HeaderMap) {
     // Each `Connection` value is cloned (a reference count) and its names removed by
     // `&str`, which looks up without building a `HeaderName`: upstreams send
     // `Connection: keep-alive` on every response, and building one allocated per request.
@@ -80,44 +85,39 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
                 continue;
             };
-            // `Connection` itself goes last, with the fixed list: removing it now would
-            // lose the values not yet read.
+            // `Connection` itself goes last, with the hop-by-hop ones: removing it now
+            // would lose the values not yet read.
             if !name.eq_ignore_ascii_case("connection") {
                 headers.remove(name);
             }
         }
         i += 1;
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
-    }
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    remove_connection_named(headers);
+    remove_where(headers, is_hop_by_hop);
 }
 
 /// Removes everything a client could authenticate or steer the upstream with.
 pub fn strip_request_headers(headers: &mut HeaderMap, pass_cookies: bool) {
-    strip_hop_by_hop(headers);
-    for n in &CLIENT_CREDENTIALS {
-        headers.remove(n);
-    }
-    if !pass_cookies {
-        headers.remove(header::COOKIE);
-    }
-    let claims: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_client_claim(n.as_str()))
-        .cloned()
-        .collect();
-    for n in claims {
-        headers.remove(n);
-    }
+    remove_connection_named(headers);
+    remove_where(headers, |n| {
+        is_hop_by_hop(n)
+            || is_client_credential(n)
+            || (!pass_cookies && n == "cookie")
+            || is_client_claim(n)
+    });
 }
 
 /// Cleans an upstream response's headers for the client.
 pub fn strip_response_headers(headers: &mut HeaderMap, pass_cookies: bool) {
-    strip_hop_by_hop(headers);
-    if !pass_cookies {
-        headers.remove(header::SET_COOKIE);
-    }
+    remove_connection_named(headers);
+    remove_where(headers, |n| {
+        is_hop_by_hop(n) || (!pass_cookies && n == "set-cookie")
+    });
 }
 
 fn decoded_name(pair: &[u8]) -> Cow<'_, [u8]> {
@@ -321,7 +321,7 @@ pub fn redacted_target(path: &str, query: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderName, HeaderValue};
 
     #[test]
     fn query_scrub_removes_credentials_in_any_spelling_and_keeps_the_rest_verbatim() {
