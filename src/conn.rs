@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The HTTP/2 connection preface, up to where it differs from every HTTP/1 method.
@@ -32,8 +31,6 @@ pub struct ConnInfo {
     active: AtomicUsize,
     /// Exchanges begun on this connection.
     exchanges: AtomicU64,
-    /// Signalled when the last exchange in flight ends.
-    rested: Notify,
     /// Milliseconds since `epoch` when the last exchange ended.
     last_active_ms: AtomicU64,
     /// Milliseconds since `epoch` + 1 when the first byte of a pending HTTP/1 head arrived (0: none).
@@ -52,7 +49,6 @@ impl ConnInfo {
             peer,
             active: AtomicUsize::new(0),
             exchanges: AtomicU64::new(0),
-            rested: Notify::new(),
             last_active_ms: AtomicU64::new(0),
             // The first head is timed from the accept: a silent client is cut off too.
             head_started_ms: AtomicU64::new(1),
@@ -102,12 +98,6 @@ impl ConnInfo {
             (idle, self.last_active_ms.load(Ordering::SeqCst))
         };
         limit.saturating_sub(Duration::from_millis(now.saturating_sub(since)))
-    }
-
-    /// Completes when the connection comes to rest (its last exchange in flight ends),
-    /// or at once if it did since the previous call.
-    pub async fn rested(&self) {
-        self.rested.notified().await
     }
 
     /// How many exchanges have begun on this connection.
@@ -172,9 +162,7 @@ impl Drop for ExchangeGuard {
         self.0
             .last_active_ms
             .store(self.0.now_ms(), Ordering::SeqCst);
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.rested.notify_one();
-        }
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -498,10 +498,11 @@ where
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
     let mut tick = limits_tick(settings);
-    // Armed each time the connection comes to rest, so a busy connection never ticks for it.
+    // Not re-armed per exchange (that cost a wake-up and a timer reset on every
+    // request): when it fires it parks a connection that has rested long enough, or
+    // looks again when this one could have. A busy connection sees it every PARK_AFTER.
     let park_timer = tokio::time::sleep(PARK_AFTER);
     tokio::pin!(park_timer);
-    let mut armed = false;
     let mut draining = *shutdown.borrow();
     let mut parking = false;
     // Only a connection that has finished an exchange is idle in hyper's eyes; one that
@@ -524,19 +525,18 @@ where
                 conn.set_parking(false);
                 Pin::new(&mut connection).graceful_shutdown();
             }
-            _ = conn.rested(), if !draining && !parking => {
-                park_timer.as_mut().reset(tokio::time::Instant::now() + PARK_AFTER);
-                armed = true;
-            }
-            _ = &mut park_timer, if armed && !draining && !parking => {
-                armed = false;
-                // Still at rest (a newer exchange re-arms the timer when it ends).
-                if conn.at_rest() && conn.exchanges() > first_exchange {
+            _ = &mut park_timer, if !draining && !parking => {
+                let rested = conn.idle_for();
+                if rested >= PARK_AFTER && conn.at_rest() && conn.exchanges() > first_exchange {
                     // hyper closes an idle connection at once; Watched keeps the socket open.
                     parking = true;
                     tracing::trace!(peer = %conn.peer, "parking");
                     conn.set_parking(true);
                     Pin::new(&mut connection).graceful_shutdown();
+                } else {
+                    // Busy (`idle_for` is zero then) or rested only briefly.
+                    let next = PARK_AFTER.saturating_sub(rested).max(Duration::from_millis(1));
+                    park_timer.as_mut().reset(tokio::time::Instant::now() + next);
                 }
             }
             _ = tick.tick() => match check_limits(conn, settings, !draining && !parking) {
