@@ -7,7 +7,6 @@
 //! `RUST_LOG` (target `ims_proxy::access`) and looks like the other lines.
 
 use serde::Serialize;
-use std::fmt::Write as _;
 use std::io::{self, IsTerminal};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
@@ -265,43 +264,100 @@ pub fn access(line: &AccessLine<'_>) {
         );
         return;
     };
-    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-    let mut out = String::with_capacity(256);
-    match sink.format {
-        LogFormat::Json => {
-            let timestamp = now.to_string();
-            let json = JsonLine {
-                timestamp: &timestamp,
-                level: "INFO",
-                message: "request",
-                fields: line,
-                target: TARGET,
-            };
-            match serde_json::to_string(&json) {
-                Ok(s) => out = s,
-                Err(_) => return,
+    let now = std::time::SystemTime::now();
+    SCRATCH.with(|scratch| {
+        let Ok(mut scratch) = scratch.try_borrow_mut() else {
+            return;
+        };
+        let Scratch { line: out, second } = &mut *scratch;
+        out.clear();
+        match sink.format {
+            LogFormat::Json => {
+                let timestamp = humantime::format_rfc3339_micros(now).to_string();
+                let json = JsonLine {
+                    timestamp: &timestamp,
+                    level: "INFO",
+                    message: "request",
+                    fields: line,
+                    target: TARGET,
+                };
+                if serde_json::to_writer(&mut *out, &json).is_err() {
+                    return;
+                }
             }
+            LogFormat::Text => text_line(out, second, now, line),
         }
-        LogFormat::Text => {
-            // The layout of tracing's own text lines: `<time>  INFO <target>: <message> k=v ...`.
-            let _ = write!(
-                out,
-                "{now}  INFO {TARGET}: request request_id={} client={} route={} method={} path={} status={} duration_us={}",
-                line.request_id, line.client, line.route, line.method, line.path, line.status, line.duration_us
-            );
-            if let Some(u) = line.upstream_us {
-                let _ = write!(out, " upstream_us={u}");
-            }
-            if let Some(t) = line.token {
-                let _ = write!(out, " token={t}");
-            }
-            if let Some(id) = line.upstream_request_id {
-                let _ = write!(out, " upstream_request_id={id}");
-            }
-        }
+        out.push(b'\n');
+        sink.writer.push(out);
+    });
+}
+
+/// Per-thread buffers of the access line: no allocation per request once warm.
+#[derive(Default)]
+struct Scratch {
+    /// The line being built.
+    line: Vec<u8>,
+    /// The last whole second formatted (`YYYY-MM-DDTHH:MM:SS`), and which it was.
+    second: (u64, String),
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Appends the text form, the layout of tracing's own text lines:
+/// `<time>  INFO <target>: request k=v ...`. Pieces are pushed, not formatted:
+/// `fmt::write` over a dozen arguments was most of the line's cost.
+fn text_line(
+    out: &mut Vec<u8>,
+    second: &mut (u64, String),
+    now: std::time::SystemTime,
+    line: &AccessLine<'_>,
+) {
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    if second.0 != since.as_secs() || second.1.is_empty() {
+        let whole = std::time::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+        let mut text = humantime::format_rfc3339_seconds(whole).to_string();
+        text.pop(); // the `Z`, written after the fraction
+        *second = (since.as_secs(), text);
     }
-    out.push('\n');
-    sink.writer.push(out.as_bytes());
+    let mut put = |s: &str| out.extend_from_slice(s.as_bytes());
+    let mut digits = itoa::Buffer::new();
+    put(&second.1);
+    put(".");
+    let micros = digits.format(since.subsec_micros());
+    put(&"000000"[micros.len()..]);
+    put(micros);
+    put("Z  INFO ");
+    put(TARGET);
+    for (key, value) in [
+        (": request request_id=", line.request_id),
+        (" client=", line.client),
+        (" route=", line.route),
+        (" method=", line.method),
+        (" path=", line.path),
+    ] {
+        put(key);
+        put(value);
+    }
+    put(" status=");
+    put(digits.format(line.status));
+    put(" duration_us=");
+    put(digits.format(line.duration_us));
+    if let Some(u) = line.upstream_us {
+        put(" upstream_us=");
+        put(digits.format(u));
+    }
+    if let Some(t) = line.token {
+        put(" token=");
+        put(t);
+    }
+    if let Some(id) = line.upstream_request_id {
+        put(" upstream_request_id=");
+        put(id);
+    }
 }
 
 #[cfg(test)]
@@ -321,6 +377,66 @@ mod tests {
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
+        }
+    }
+
+    fn sample(upstream: bool) -> AccessLine<'static> {
+        AccessLine {
+            request_id: "req-1",
+            client: "etl",
+            route: "workfront",
+            method: "GET",
+            path: "/workfront/attask/api/v19.0/proj/search?apiKey=REDACTED",
+            status: 200,
+            duration_us: 1234,
+            upstream_us: upstream.then_some(987),
+            token: upstream.then_some("9f013b19"),
+            upstream_request_id: upstream.then_some("up-42"),
+        }
+    }
+
+    #[test]
+    fn text_access_line_has_tracings_layout_and_humantimes_timestamp() {
+        let mut second = (0, String::new());
+        let mut out = Vec::new();
+        // 5 µs into a second: the fraction keeps its leading zeros.
+        let at = std::time::UNIX_EPOCH + Duration::new(1_795_000_000, 5_000);
+        text_line(&mut out, &mut second, at, &sample(true));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "{}  INFO ims_proxy::access: request request_id=req-1 client=etl route=workfront \
+                 method=GET path=/workfront/attask/api/v19.0/proj/search?apiKey=REDACTED \
+                 status=200 duration_us=1234 upstream_us=987 token=9f013b19 upstream_request_id=up-42",
+                humantime::format_rfc3339_micros(at)
+            )
+        );
+        // Refused before the upstream: the optional fields are left out.
+        let mut out = Vec::new();
+        text_line(&mut out, &mut second, at, &sample(false));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with(" status=200 duration_us=1234"));
+    }
+
+    #[test]
+    fn the_cached_second_is_renewed_when_the_clock_moves_on() {
+        let mut second = (0, String::new());
+        let start = std::time::UNIX_EPOCH + Duration::new(1_795_000_000, 999_999_000);
+        for at in [
+            start,
+            start + Duration::from_micros(1),
+            start + Duration::from_secs(3600),
+            start - Duration::from_secs(86_400),
+        ] {
+            let mut out = Vec::new();
+            text_line(&mut out, &mut second, at, &sample(false));
+            let text = String::from_utf8(out).unwrap();
+            let stamp = humantime::format_rfc3339_micros(at).to_string();
+            assert!(
+                text.starts_with(&format!("{stamp}  INFO ")),
+                "{text} / {stamp}"
+            );
         }
     }
 
