@@ -187,7 +187,10 @@ struct ConnSettings {
 /// costs bounded memory per connection. Beyond it the answer is 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Most header fields in one HTTP/1 request head (431 beyond).
+/// Most header fields in one HTTP/1 request head (431 beyond). This is hyper's
+/// own default, left unset on purpose: setting it, even to the same 100, makes
+/// hyper fill a 100-slot array for every head it parses (~1k instructions a
+/// request). `tests/hostile.rs` pins the limit at exactly this number.
 pub const MAX_HEADERS: usize = 100;
 
 /// How long a plain HTTP/1 connection rests with nothing in flight before it is
@@ -205,7 +208,6 @@ macro_rules! http1_settings {
             .header_read_timeout(None)
             .keep_alive(true)
             .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS)
     };
 }
 
@@ -497,12 +499,14 @@ where
     let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
-    let mut tick = limits_tick(settings);
-    // Not re-armed per exchange (that cost a wake-up and a timer reset on every
-    // request): when it fires it parks a connection that has rested long enough, or
-    // looks again when this one could have. A busy connection sees it every PARK_AFTER.
-    let park_timer = tokio::time::sleep(PARK_AFTER);
-    tokio::pin!(park_timer);
+    // One timer for the connection's limits and for parking, so each wake-up of a
+    // busy connection polls one timer, not two. It is not re-armed per exchange (that
+    // cost a wake-up and a timer reset on every request): when it fires it checks the
+    // limits and parks a connection that has rested long enough, or looks again when
+    // this one could have. A busy connection sees it every PARK_AFTER.
+    let period = limits_period(settings);
+    let timer = tokio::time::sleep(period.min(PARK_AFTER));
+    tokio::pin!(timer);
     let mut draining = *shutdown.borrow();
     let mut parking = false;
     // Only a connection that has finished an exchange is idle in hyper's eyes; one that
@@ -525,28 +529,31 @@ where
                 conn.set_parking(false);
                 Pin::new(&mut connection).graceful_shutdown();
             }
-            _ = &mut park_timer, if !draining && !parking => {
-                let rested = conn.idle_for();
-                if rested >= PARK_AFTER && conn.at_rest() && conn.exchanges() > first_exchange {
-                    // hyper closes an idle connection at once; Watched keeps the socket open.
-                    parking = true;
-                    tracing::trace!(peer = %conn.peer, "parking");
-                    conn.set_parking(true);
-                    Pin::new(&mut connection).graceful_shutdown();
-                } else {
-                    // Busy (`idle_for` is zero then) or rested only briefly.
-                    let next = PARK_AFTER.saturating_sub(rested).max(Duration::from_millis(1));
-                    park_timer.as_mut().reset(tokio::time::Instant::now() + next);
+            _ = &mut timer => {
+                match check_limits(conn, settings, !draining && !parking) {
+                    Limits::HeadOverdue => return None,
+                    Limits::Idle => {
+                        draining = true;
+                        Pin::new(&mut connection).graceful_shutdown();
+                    }
+                    Limits::Fine => {}
                 }
+                let mut next = period;
+                if !draining && !parking {
+                    let rested = conn.idle_for();
+                    if rested >= PARK_AFTER && conn.at_rest() && conn.exchanges() > first_exchange {
+                        // hyper closes an idle connection at once; Watched keeps the socket open.
+                        parking = true;
+                        tracing::trace!(peer = %conn.peer, "parking");
+                        conn.set_parking(true);
+                        Pin::new(&mut connection).graceful_shutdown();
+                    } else {
+                        // Busy (`idle_for` is zero then) or rested only briefly.
+                        next = next.min(PARK_AFTER.saturating_sub(rested).max(Duration::from_millis(1)));
+                    }
+                }
+                timer.as_mut().reset(tokio::time::Instant::now() + next);
             }
-            _ = tick.tick() => match check_limits(conn, settings, !draining && !parking) {
-                Limits::HeadOverdue => return None,
-                Limits::Idle => {
-                    draining = true;
-                    Pin::new(&mut connection).graceful_shutdown();
-                }
-                Limits::Fine => {}
-            },
         }
     }
     conn.set_parking(false);
@@ -573,11 +580,15 @@ enum Limits {
 
 /// The tick that checks a connection's head and idle limits.
 fn limits_tick(settings: &ConnSettings) -> tokio::time::Interval {
-    let period = (settings.idle_timeout.min(settings.header_read_timeout) / 4)
-        .clamp(Duration::from_millis(10), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(limits_period(settings));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
+}
+
+/// How often a connection's head and idle limits are checked.
+fn limits_period(settings: &ConnSettings) -> Duration {
+    (settings.idle_timeout.min(settings.header_read_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 
 /// Checks the head limit, then (when `idle_closes`) the idle limit.
