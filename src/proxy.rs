@@ -29,6 +29,7 @@ use tokio::time::Instant;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static X_GW_IMS_ORG_ID: HeaderName = HeaderName::from_static("x-gw-ims-org-id");
+static X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 ims-proxy");
 
 /// Decrements a gauge when dropped.
@@ -602,7 +603,7 @@ fn stream_back(
     ctx.upstream_request_id = parts
         .headers
         .get(&X_REQUEST_ID)
-        .or_else(|| parts.headers.get("x-upstream-request-id"))
+        .or_else(|| parts.headers.get(&X_UPSTREAM_REQUEST_ID))
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if parts.status == StatusCode::TOO_MANY_REQUESTS {

@@ -54,7 +54,7 @@ fn is_forwarding_claim(name: &str) -> bool {
 /// header spelled with `_` for `-` (CGI-style servers read `x_api_key` as
 /// `x-api-key`), or a forwarding/origin claim.
 fn is_client_claim(name: &str) -> bool {
-    if !name.contains('_') {
+    if !name.as_bytes().contains(&b'_') {
         return is_forwarding_claim(name);
     }
     let dashed = name.replace('_', "-");
@@ -78,8 +78,13 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     // Each `Connection` value is cloned (a reference count) and its names removed by
     // `&str`, which looks up without building a `HeaderName`: upstreams send
     // `Connection: keep-alive` on every response, and building one allocated per request.
-    let mut i = 0;
-    while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let Some(first) = values.next().cloned() else {
+        return;
+    };
+    // Usually the only one: the rest are collected (allocating) only when there are more.
+    let rest: Vec<_> = values.cloned().collect();
+    for value in std::iter::once(first).chain(rest) {
         // Split the raw bytes: one non-ASCII byte must not hide the names beside it.
         for name in value.as_bytes().split(|b| *b == b',') {
             let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
@@ -91,7 +96,6 @@ fn remove_connection_named(headers: &mut HeaderMap) {
                 headers.remove(name);
             }
         }
-        i += 1;
     }
 }
 
