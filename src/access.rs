@@ -7,6 +7,7 @@ use base64::Engine;
 use http::{header, HeaderMap};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -180,46 +181,53 @@ impl Access {
     }
 
     /// The first candidate matching a key, or the refusal reason.
-    pub fn first_match(&self, candidates: &[Vec<u8>]) -> Result<Client, Refusal> {
+    pub fn first_match(&self, candidates: &[impl AsRef<[u8]>]) -> Result<Client, Refusal> {
         if candidates.is_empty() {
             return Err(Refusal::Missing);
         }
         candidates
             .iter()
-            .find_map(|c| self.match_key(c))
+            .find_map(|c| self.match_key(c.as_ref()))
             .ok_or(Refusal::Invalid)
     }
 }
 
 /// Key candidates from headers and query, in order: Bearer, Basic password,
-/// `x-proxy-key`, `x-api-key`, `apiKey` query parameter.
-pub fn header_and_query_candidates(headers: &HeaderMap, query: Option<&str>) -> Vec<Vec<u8>> {
+/// `x-proxy-key`, `x-api-key`, `apiKey` query parameter. Header values are
+/// borrowed, not copied; only decoded ones (Basic, query) are owned.
+pub fn header_and_query_candidates<'h>(
+    headers: &'h HeaderMap,
+    query: Option<&str>,
+) -> Vec<Cow<'h, [u8]>> {
     let mut out = Vec::new();
     for v in headers.get_all(header::AUTHORIZATION) {
         let v = v.as_bytes();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-            out.push(v[7..].trim_ascii().to_vec());
+            out.push(Cow::Borrowed(v[7..].trim_ascii()));
         } else if v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ") {
             if let Ok(decoded) =
                 base64::engine::general_purpose::STANDARD.decode(v[6..].trim_ascii())
             {
                 if let Some(i) = decoded.iter().position(|b| *b == b':') {
-                    out.push(decoded[i + 1..].to_vec());
+                    out.push(Cow::Owned(decoded[i + 1..].to_vec()));
                 }
             }
         }
     }
-    for name in ["x-proxy-key", "x-api-key"] {
+    for name in [&X_PROXY_KEY, &X_API_KEY] {
         for v in headers.get_all(name) {
-            out.push(v.as_bytes().trim_ascii().to_vec());
+            out.push(Cow::Borrowed(v.as_bytes().trim_ascii()));
         }
     }
     if let Some(q) = query {
-        out.extend(api_key_candidates(q.as_bytes()));
+        out.extend(api_key_candidates(q.as_bytes()).into_iter().map(Cow::Owned));
     }
     out.retain(|c| !c.is_empty());
     out
 }
+
+static X_PROXY_KEY: http::HeaderName = http::HeaderName::from_static("x-proxy-key");
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// `apiKey` candidates from a query string or a form body (same encoding).
 pub fn api_key_candidates(body: &[u8]) -> Vec<Vec<u8>> {
