@@ -56,8 +56,8 @@ pub struct RequestCtx {
     pub start: Instant,
     /// Request method.
     pub method: Method,
-    /// Path and query for logs, credentials redacted.
-    pub target: String,
+    /// The request target as received (logged with credentials redacted).
+    pub uri: Uri,
     /// Matched route.
     pub route: Option<Arc<Route>>,
     /// Admitted client.
@@ -65,7 +65,7 @@ pub struct RequestCtx {
     /// Time to the upstream's response head.
     pub upstream_time: Option<Duration>,
     /// Fingerprint of the token sent.
-    pub token_fingerprint: Option<String>,
+    pub token_fingerprint: Option<Arc<str>>,
     /// The upstream's own request id, if it sent one.
     pub upstream_request_id: Option<String>,
 }
@@ -111,7 +111,7 @@ pub async fn handle(
         request_id: request_id(&parts.headers),
         start: Instant::now(),
         method: parts.method.clone(),
-        target: redacted_target(parts.uri.path(), parts.uri.query()),
+        uri: parts.uri.clone(),
         route: None,
         client: None,
         upstream_time: None,
@@ -119,7 +119,8 @@ pub async fn handle(
         upstream_request_id: None,
     };
     let resp = match journey(&snap, &shared.metrics, &conn, &mut ctx, parts, body).await {
-        Ok(resp) => resp.map(|b| b.with_guard(exchange)),
+        // One box for all the guards the response body carries.
+        Ok((resp, guards)) => resp.map(|b| b.with_guard((guards, exchange))),
         Err(e) => {
             if matches!(
                 e,
@@ -145,7 +146,7 @@ async fn journey(
     ctx: &mut RequestCtx,
     mut parts: Parts,
     body: Incoming,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, JourneyGuards), ProxyError> {
     refuse_unsafe_target(&parts)?;
     if !snap.access.source_allowed(conn.peer.ip()) {
         metrics
@@ -214,15 +215,15 @@ async fn journey(
             upstream.send_replayable(ctx, parts, bytes, &token).await?
         }
     };
-    Ok(stream_back(
-        resp,
-        &route,
-        &cred,
-        &chargeback,
-        ctx,
+    Ok((
+        stream_back(resp, &route, &cred, &chargeback, ctx),
         (inflight, slot),
     ))
 }
+
+/// What a proxied response's body keeps alive besides the exchange: the route's
+/// in-flight gauge and the credential's `max_in_flight` slot.
+type JourneyGuards = (GaugeGuard, Option<Slot>);
 
 /// Where a request goes once rewritten: the route's upstream, with its credential.
 struct Upstream<'a> {
@@ -590,14 +591,13 @@ fn rewrite_request(
     ctx.token_fingerprint = Some(token.fingerprint.clone());
 }
 
-/// The upstream's response, cleaned, streamed to the client; `guards` live until its body ends.
+/// The upstream's response, cleaned, streamed to the client.
 fn stream_back(
     resp: Response<Incoming>,
     route: &Route,
     cred: &CredentialRuntime,
     chargeback: &Chargeback,
     ctx: &mut RequestCtx,
-    guards: impl crate::body::Guard,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     ctx.upstream_request_id = parts
@@ -628,7 +628,7 @@ fn stream_back(
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     Response::from_parts(
         parts,
-        streamed(body, Some(chargeback.response_bytes.clone())).with_guard(guards),
+        streamed(body, Some(chargeback.response_bytes.clone())),
     )
 }
 
@@ -679,12 +679,13 @@ fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
     // Whole microseconds: integer fields format several times faster than floats.
     let duration_us = elapsed.as_micros() as u64;
     let upstream_us = ctx.upstream_time.map(|d| d.as_micros() as u64);
+    let target = redacted_target(ctx.uri.path(), ctx.uri.query());
     crate::logging::access(&crate::logging::AccessLine {
         request_id,
         client,
         route,
         method: ctx.method.as_str(),
-        path: &ctx.target,
+        path: &target,
         status: status.as_u16(),
         duration_us,
         upstream_us,
@@ -699,12 +700,12 @@ fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
             "route": route,
             "credential": ctx.route.as_ref().map(|r| r.config.credential.as_str()),
             "method": ctx.method.as_str(),
-            "path": ctx.target,
+            "path": target,
             "status": status.as_u16(),
             "duration_ms": duration_us as f64 / 1000.0,
             "upstream_ms": upstream_us.map(|u| u as f64 / 1000.0),
             "upstream_request_id": ctx.upstream_request_id,
-            "token_fingerprint": ctx.token_fingerprint,
+            "token_fingerprint": ctx.token_fingerprint.as_deref(),
         }));
     }
 }

@@ -304,9 +304,9 @@ fn overlong_utf8(bytes: &[u8]) -> bool {
 }
 
 /// The path and query for logs, with credential values replaced by `[redacted]`.
-pub fn redacted_target(path: &str, query: Option<&str>) -> String {
+pub fn redacted_target<'a>(path: &'a str, query: Option<&str>) -> Cow<'a, str> {
     let Some(q) = query else {
-        return path.to_string();
+        return Cow::Borrowed(path);
     };
     let parts: Vec<Cow<'_, str>> = q
         .split('&')
@@ -319,7 +319,7 @@ pub fn redacted_target(path: &str, query: Option<&str>) -> String {
             }
         })
         .collect();
-    format!("{path}?{}", parts.join("&"))
+    Cow::Owned(format!("{path}?{}", parts.join("&")))
 }
 
 #[cfg(test)]

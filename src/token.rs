@@ -31,8 +31,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub struct Token {
     /// `Bearer <token>`, marked sensitive so hyper never logs it.
     pub header: HeaderValue,
-    /// First 8 hex digits of the token's SHA-256, for audit lines.
-    pub fingerprint: String,
+    /// First 8 hex digits of the token's SHA-256, for audit lines (shared: every
+    /// request's log line takes a reference, not a copy).
+    pub fingerprint: Arc<str>,
     /// When IMS says it expires.
     pub expires_at: Instant,
     /// The same, as wall-clock time for /tokens and metrics.
@@ -539,7 +540,7 @@ impl Inner {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let token = Token {
             header,
-            fingerprint: fingerprint(issued.access_token.expose()),
+            fingerprint: fingerprint(issued.access_token.expose()).into(),
             expires_at,
             expires_at_wall: wall,
             lifetime: issued.lifetime,
