@@ -270,17 +270,21 @@ const DECODE_ROUNDS: usize = 3;
 /// lenient decoders).
 pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| {
+        let raw = seg.as_bytes();
         // A raw NUL never gets past hyper's URI parser, but the check stands on its own.
-        if !seg.contains(['.', '%', ';', '\\', '\0']) {
+        if !raw
+            .iter()
+            .any(|b| matches!(b, b'.' | b'%' | b';' | b'\\' | 0))
+        {
             return false;
         }
-        let mut d: Vec<u8> = seg.as_bytes().to_vec();
+        if !raw.contains(&b'%') {
+            // Nothing to decode (`v19.0`, `b.json`): judged as it stands, without a copy.
+            return unsafe_as_decoded(raw);
+        }
+        let mut d: Vec<u8> = raw.to_vec();
         for _ in 0..DECODE_ROUNDS {
-            if d.contains(&b'/') || d.contains(&b'\\') || d.contains(&0) || overlong_utf8(&d) {
-                return true;
-            }
-            let bare = d.split(|b| *b == b';').next().unwrap_or_default();
-            if bare == b"." || bare == b".." {
+            if unsafe_as_decoded(&d) {
                 return true;
             }
             let decoded: Vec<u8> = percent_decode(&d).collect();
@@ -292,6 +296,16 @@ pub fn has_dot_segment(path: &str) -> bool {
         // Still encoded after every round: deeper than any real name, so refuse.
         true
     })
+}
+
+/// One decoding round's verdict on a segment: a separator, NUL or overlong form
+/// inside it, or `.`/`..` before any `;params`.
+fn unsafe_as_decoded(d: &[u8]) -> bool {
+    if d.contains(&b'/') || d.contains(&b'\\') || d.contains(&0) || overlong_utf8(d) {
+        return true;
+    }
+    let bare = d.split(|b| *b == b';').next().unwrap_or_default();
+    bare == b"." || bare == b".."
 }
 
 /// True when `bytes` hold a lead byte that only overlong UTF-8 uses (`C0`, `C1`,
@@ -326,6 +340,57 @@ pub fn redacted_target<'a>(path: &'a str, query: Option<&str>) -> Cow<'a, str> {
 mod tests {
     use super::*;
     use http::{HeaderName, HeaderValue};
+
+    /// The dot-segment check as it was before segments without `%` skipped the copy.
+    fn has_dot_segment_reference(path: &str) -> bool {
+        path.split('/').any(|seg| {
+            if !seg.contains(['.', '%', ';', '\\', '\0']) {
+                return false;
+            }
+            let mut d: Vec<u8> = seg.as_bytes().to_vec();
+            for _ in 0..DECODE_ROUNDS {
+                if d.contains(&b'/') || d.contains(&b'\\') || d.contains(&0) || overlong_utf8(&d) {
+                    return true;
+                }
+                let bare = d.split(|b| *b == b';').next().unwrap_or_default();
+                if bare == b"." || bare == b".." {
+                    return true;
+                }
+                let decoded: Vec<u8> = percent_decode(&d).collect();
+                if decoded == d {
+                    return false;
+                }
+                d = decoded;
+            }
+            true
+        })
+    }
+
+    #[test]
+    fn dot_segment_fast_path_agrees_with_the_reference_on_every_short_segment() {
+        const ALPHABET: [&str; 12] = [".", "%", "2", "e", "E", "f", "5", "c", "0", ";", "\\", "a"];
+        let mut segments = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..4 {
+            let mut longer = Vec::new();
+            for seg in &segments {
+                for c in ALPHABET {
+                    let s = format!("{seg}{c}");
+                    for path in [format!("/{s}"), format!("/x/{s}/y"), format!("/{s}/{s}")] {
+                        assert_eq!(
+                            has_dot_segment(&path),
+                            has_dot_segment_reference(&path),
+                            "{path}"
+                        );
+                        checked += 1;
+                    }
+                    longer.push(s);
+                }
+            }
+            segments = longer;
+        }
+        assert!(checked > 60_000, "{checked}");
+    }
 
     #[test]
     fn query_scrub_removes_credentials_in_any_spelling_and_keeps_the_rest_verbatim() {
