@@ -33,8 +33,8 @@
 #   HOLD_CONNS=10000  idle keep-alive connections held open for the memory reading (0: skip)
 #   SWAP=1            token swap scenario (0: skip)
 #   LOGS=on           access logs on in both (nginx buffered to a file, ims-proxy's to a file); off: none
-#   WORKERS=$(nproc)  nginx proxy worker_processes; ims-proxy's tokio runtime has one
-#                     worker thread per core too, so both get the same cores
+#   WORKERS=$(nproc)  nginx proxy worker_processes and ims-proxy `server.workers`,
+#                     so both get the same cores
 #   WRK_THREADS=2     load-generator threads (wrk, h2load)
 #   BASE_PORT=18000   ports BASE_PORT+1 .. BASE_PORT+41 on 127.0.0.1
 #   IMS_PROXY_BIN=    use this binary instead of `cargo build --release`
@@ -519,7 +519,7 @@ rec "mem: whole run (VmHWM)" ims 1 peak_rss_kib "$(awk '/^VmHWM:/ { print $2 }' 
     echo
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
     echo "- ims-proxy $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), $("$NGINX" -v 2>&1 | sed 's/.*: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')$([[ $H2 != 1 ]] || echo ", $(h2load --version | head -1)")$([[ $LATENCY != 1 ]] || echo ", $("$OHA" --version)")"
-    echo "- rounds $ROUNDS x ${DURATION}s (+${WARMUP}s warm-up), order rotated each round; nginx worker_processes $WORKERS, ims-proxy tokio workers $(nproc); load generator threads $WRK_THREADS; access logs $LOGS"
+    echo "- rounds $ROUNDS x ${DURATION}s (+${WARMUP}s warm-up), order rotated each round; nginx worker_processes $WORKERS, ims-proxy workers $WORKERS; load generator threads $WRK_THREADS; access logs $LOGS"
     echo "- h1: wrk, c keep-alive connections; h2: h2load, c/$H2_STREAMS connections x $H2_STREAMS streams (h2load reports mean latency only); fixed rate: oha -q with --latency-correction; download: curl"
     echo "- ratios are ims-proxy / nginx and ims-proxy / direct; 'added' is latency over the direct path (ms)"
     echo

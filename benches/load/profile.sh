@@ -59,7 +59,8 @@ KEY_LINE=$(printf %s "$KEY" | "$IMS_PROXY_BIN" hash-key)
 sed -e "s|@WORK@|$WORK|g" -e "s|@UP_H1@|$UP_H1|g" -e "s|@UP_H2@|$UP_H2|g" -e "s|@NOFILE@|4096|g" \
     -e "s|@UPSTREAM_WORKERS@|1|g" "$HERE/nginx-upstream.conf.in" >"$WORK/upstream.conf"
 sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|@TOKEN_PATH@|/ims/token/v3|g" \
-    -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|$KEY_LINE|g" "$HERE/ims-proxy.toml.in" >"$WORK/ims.toml"
+    -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|$KEY_LINE|g" -e "s|@PROXY_WORKERS@|2|g" \
+    "$HERE/ims-proxy.toml.in" >"$WORK/ims.toml"
 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon off;' 2>>"$WORK/upstream-error.log" &
 PIDS+=($!)
 python3 "$HERE/ims_stub.py" "$STUB" >/dev/null 2>&1 &
