@@ -9,7 +9,7 @@ use crate::conn::{ConnInfo, ExchangeGuard, Watched, H2_PREFACE};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
-use crate::workers::Workers;
+use crate::workers::{Balance, Handoff, OpenGuard, Workers};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
@@ -76,6 +76,8 @@ pub struct ServerHandle {
     admin_task: JoinHandle<DrainReport>,
     /// The proxy's worker threads; dropping the handle stops them.
     workers: Workers,
+    /// How the proxy's connections are spread over the workers.
+    balance: Arc<Balance>,
 }
 
 impl ServerHandle {
@@ -101,6 +103,11 @@ impl ServerHandle {
     /// How many worker threads serve the proxy listener.
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Open client connections on each worker.
+    pub fn connections_per_worker(&self) -> Vec<usize> {
+        self.balance.open()
     }
 
     /// `begin_shutdown` then `wait`.
@@ -299,7 +306,8 @@ pub async fn start_with_metrics(
         .into_std()
         .map_err(|e| StartError::Setup(format!("server.listen: {e}")))?;
     let mut proxy_tasks = Vec::with_capacity(workers.len());
-    for worker in workers.handles() {
+    let (balance, inboxes) = Balance::new(workers.len());
+    for ((me, worker), inbox) in workers.handles().iter().enumerate().zip(inboxes) {
         let own = {
             // Registered with the worker's own reactor.
             let _in_worker = worker.enter();
@@ -312,6 +320,11 @@ pub async fn start_with_metrics(
             settings.clone(),
             move |conn, req| proxy::handle(sh.clone(), conn, req),
             shutdown.subscribe(),
+            Some(Balanced {
+                me,
+                balance: balance.clone(),
+                inbox,
+            }),
         )));
     }
     drop(listener);
@@ -330,6 +343,7 @@ pub async fn start_with_metrics(
             }
         },
         shutdown.subscribe(),
+        None,
     ));
     tracing::info!(listen = %proxy_addr, admin = %admin_addr, tls = shared.snapshot.load().config.server.tls.is_some(), workers = workers.len(), "ims-proxy serving");
     Ok(ServerHandle {
@@ -340,7 +354,16 @@ pub async fn start_with_metrics(
         proxy_tasks,
         admin_task,
         workers,
+        balance,
     })
+}
+
+/// Where a worker's accept loop stands among the others: its index, the balance,
+/// and its inbox of connections other workers accepted for it.
+struct Balanced {
+    me: usize,
+    balance: Arc<Balance>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
 }
 
 async fn accept_loop<F, Fut, B>(
@@ -348,6 +371,7 @@ async fn accept_loop<F, Fut, B>(
     settings: ConnSettings,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
+    mut balanced: Option<Balanced>,
 ) -> DrainReport
 where
     F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -356,32 +380,73 @@ where
     B::Error: Into<BoxError>,
 {
     let mut conns = JoinSet::new();
+    // Each connection watches its own receiver; the loop's own one stays free to wait on.
+    let for_conns = shutdown.clone();
+    let serve =
+        |conns: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr, open: Option<OpenGuard>| {
+            let _ = stream.set_nodelay(true);
+            let (settings, handler, shutdown) =
+                (settings.clone(), handler.clone(), for_conns.clone());
+            conns.spawn(async move {
+                let _counted = open;
+                let conn = Arc::new(ConnInfo::new(peer));
+                match settings.tls.clone() {
+                    None => serve_plain(stream, conn, settings, handler, shutdown).await,
+                    // Boxed: a parked plain connection's task should not be as large as this.
+                    Some(acceptor) => {
+                        Box::pin(async move {
+                            match tokio::time::timeout(
+                                settings.header_read_timeout,
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(tls)) => {
+                                    serve_connection(tls, conn, settings.clone(), handler, shutdown)
+                                        .await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        })
+                        .await
+                    }
+                }
+            });
+        };
     loop {
+        let handed = async {
+            match balanced.as_mut() {
+                Some(b) => b.inbox.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (settings, handler, shutdown) = (settings.clone(), handler.clone(), shutdown.clone());
-                    conns.spawn(async move {
-                        let conn = Arc::new(ConnInfo::new(peer));
-                        match settings.tls.clone() {
-                            None => serve_plain(stream, conn, settings, handler, shutdown).await,
-                            // Boxed: a parked plain connection's task should not be as large as this.
-                            Some(acceptor) => Box::pin(async move {
-                                match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-                                    Ok(Ok(tls)) => serve_connection(tls, conn, settings.clone(), handler, shutdown).await,
-                                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                                }
-                            }).await,
-                        }
-                    });
-                }
+                Ok((stream, peer)) => match &balanced {
+                    None => serve(&mut conns, stream, peer, None),
+                    Some(b) => match b.balance.place(b.me) {
+                        (to, open) if to == b.me => serve(&mut conns, stream, peer, Some(open)),
+                        (to, open) => match stream.into_std() {
+                            Ok(stream) => {
+                                // A worker gone is shutting down: the connection closes with it.
+                                let _ = b.balance.hand_to(to, Handoff { stream, peer, open });
+                            }
+                            Err(e) => tracing::debug!(%peer, error = %e, "could not hand a connection over"),
+                        },
+                    },
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+            },
+            Some(Handoff { stream, peer, open }) = handed => match TcpStream::from_std(stream) {
+                Ok(stream) => serve(&mut conns, stream, peer, Some(open)),
+                Err(e) => tracing::debug!(%peer, error = %e, "could not take a connection over"),
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = shutdown.changed() => break,

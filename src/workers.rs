@@ -12,9 +12,12 @@
 
 use std::cell::Cell;
 use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 thread_local! {
     /// Which worker this thread is (0 on threads that are not workers).
@@ -88,6 +91,86 @@ impl Drop for Workers {
     }
 }
 
+/// A connection passed from the worker that accepted it to the one that serves
+/// it, with its place in that worker's count.
+pub struct Handoff {
+    /// The socket, taken off the accepting worker's reactor.
+    pub stream: std::net::TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Counts the connection against the serving worker until dropped.
+    pub open: OpenGuard,
+}
+
+/// Spreads connections evenly over the workers. Whichever worker wins the
+/// accept race keeps the connection only if no worker has fewer open; else it
+/// hands the socket to the one with the fewest. Without this a burst of new
+/// connections (a client pool opening 32 at once) could land 2:1 on one core,
+/// which then limits the whole proxy while the other idles: there is no work
+/// stealing between workers, by design. Costs per connection, never per request.
+pub struct Balance {
+    open: Box<[AtomicUsize]>,
+    inboxes: Box<[mpsc::UnboundedSender<Handoff>]>,
+}
+
+impl Balance {
+    /// A balance over `count` workers, and each worker's inbox of handed connections.
+    pub fn new(count: usize) -> (Arc<Balance>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
+        let (inboxes, receivers): (Vec<_>, Vec<_>) =
+            (0..count.max(1)).map(|_| mpsc::unbounded_channel()).unzip();
+        let balance = Balance {
+            open: (0..count.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            inboxes: inboxes.into(),
+        };
+        (Arc::new(balance), receivers)
+    }
+
+    /// Which worker should serve a connection `me` accepted (`me` unless another
+    /// has fewer open), counted against it from now on.
+    pub fn place(self: &Arc<Self>, me: usize) -> (usize, OpenGuard) {
+        let mine = self.open[me].load(Ordering::Relaxed);
+        let to = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.load(Ordering::Relaxed), i))
+            .min()
+            .filter(|(least, _)| *least < mine)
+            .map_or(me, |(_, i)| i);
+        self.open[to].fetch_add(1, Ordering::Relaxed);
+        let guard = OpenGuard {
+            balance: self.clone(),
+            worker: to,
+        };
+        (to, guard)
+    }
+
+    /// Passes a connection to worker `to`; false if that worker is gone (shutting down).
+    pub fn hand_to(&self, to: usize, handoff: Handoff) -> bool {
+        self.inboxes[to].send(handoff).is_ok()
+    }
+
+    /// Open connections per worker.
+    pub fn open(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// One open connection in its worker's count, until dropped.
+pub struct OpenGuard {
+    balance: Arc<Balance>,
+    worker: usize,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.balance.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +191,28 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 3, "three distinct threads: {seen:?}");
         assert_eq!(current(), 0, "a thread that is not a worker reads 0");
+    }
+
+    #[test]
+    fn connections_go_to_the_worker_with_fewest_open_and_leave_its_count_when_dropped() {
+        let (balance, _inboxes) = Balance::new(3);
+        // Worker 0 wins every accept race: it keeps one, then the others fill up.
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            let (to, guard) = balance.place(0);
+            held.push((to, guard));
+        }
+        assert_eq!(balance.open(), vec![2, 2, 2]);
+        // A tie stays where it was accepted.
+        let (to, guard) = balance.place(1);
+        assert_eq!(to, 1);
+        drop(guard);
+        // Closing worker 2's connections makes it the next target.
+        held.retain(|(to, _)| *to != 2);
+        assert_eq!(balance.open(), vec![2, 2, 0]);
+        assert_eq!(balance.place(0).0, 2);
+        held.clear();
+        assert_eq!(balance.open(), vec![0, 0, 0]);
     }
 
     #[tokio::test]

@@ -6,6 +6,9 @@ mod support;
 use std::time::Duration;
 use support::*;
 
+/// The tests here count threads and connections of the one server they start.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Live threads of this process named for a proxy worker (Linux: `comm` keeps 15 bytes).
 fn worker_threads() -> usize {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -19,6 +22,14 @@ fn worker_threads() -> usize {
 
 #[tokio::test]
 async fn workers_serve_every_connection_survive_a_reload_and_stop_with_the_server() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // Another test's server may still be stopping its threads.
+    for _ in 0..200 {
+        if worker_threads() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let h = Harness::with_file(Setup {
         server: "workers = 3".into(),
         ..Setup::default()
@@ -96,6 +107,48 @@ async fn workers_serve_every_connection_survive_a_reload_and_stop_with_the_serve
         }
         assert_eq!(left, 0, "worker threads outlived the server");
     }
+}
+
+#[tokio::test]
+async fn a_burst_of_new_connections_is_spread_evenly_over_the_workers() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server: "workers = 2".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    // 16 clients connect at once and each sends a request; whichever worker wins
+    // an accept, the connections must end up 8 and 8, all served.
+    let connects: Vec<_> = (0..16)
+        .map(|_| tokio::net::TcpStream::connect(h.server.proxy_addr))
+        .collect();
+    let mut streams = Vec::new();
+    for c in connects {
+        streams.push(c.await.unwrap());
+    }
+    let request = format!(
+        "GET /workfront/attask/api/v19.0/proj/search HTTP/1.1\r\nHost: x\r\nx-proxy-key: {KEY}\r\n\r\n"
+    );
+    for s in &mut streams {
+        s.write_all(request.as_bytes()).await.unwrap();
+    }
+    for s in &mut streams {
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+    assert_eq!(h.server.connections_per_worker(), vec![8, 8]);
+    drop(streams);
+    // Closed connections leave the counts (bounded wait: the closes are noticed asynchronously).
+    for _ in 0..200 {
+        if h.server.connections_per_worker() == vec![0, 0] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("counts stayed at {:?}", h.server.connections_per_worker());
 }
 
 #[test]
