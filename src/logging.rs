@@ -265,31 +265,41 @@ pub fn access(line: &AccessLine<'_>) {
         return;
     };
     let now = std::time::SystemTime::now();
-    SCRATCH.with(|scratch| {
-        let Ok(mut scratch) = scratch.try_borrow_mut() else {
-            return;
-        };
-        let Scratch { line: out, second } = &mut *scratch;
-        out.clear();
-        match sink.format {
-            LogFormat::Json => {
-                let timestamp = humantime::format_rfc3339_micros(now).to_string();
-                let json = JsonLine {
-                    timestamp: &timestamp,
-                    level: "INFO",
-                    message: "request",
-                    fields: line,
-                    target: TARGET,
-                };
-                if serde_json::to_writer(&mut *out, &json).is_err() {
-                    return;
-                }
-            }
-            LogFormat::Text => text_line(out, second, now, line),
-        }
-        out.push(b'\n');
-        sink.writer.push(out);
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => write_access(sink, &mut scratch, now, line),
+        // Never expected (the line is built without re-entering): a fresh buffer
+        // rather than a lost line.
+        Err(_) => write_access(sink, &mut Scratch::default(), now, line),
     });
+}
+
+/// Builds the line in `scratch` and hands it to the writer.
+fn write_access(
+    sink: &Sink,
+    scratch: &mut Scratch,
+    now: std::time::SystemTime,
+    line: &AccessLine<'_>,
+) {
+    let Scratch { line: out, second } = scratch;
+    out.clear();
+    match sink.format {
+        LogFormat::Json => {
+            let timestamp = humantime::format_rfc3339_micros(now).to_string();
+            let json = JsonLine {
+                timestamp: &timestamp,
+                level: "INFO",
+                message: "request",
+                fields: line,
+                target: TARGET,
+            };
+            if serde_json::to_writer(&mut *out, &json).is_err() {
+                return;
+            }
+        }
+        LogFormat::Text => text_line(out, second, now, line),
+    }
+    out.push(b'\n');
+    sink.writer.push(out);
 }
 
 /// Per-thread buffers of the access line: no allocation per request once warm.

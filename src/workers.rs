@@ -49,20 +49,35 @@ impl Workers {
             stops: Vec::new(),
         };
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
             let (stop, stopped) = oneshot::channel::<()>();
-            workers.handles.push(runtime.handle().clone());
-            workers.stops.push(stop);
+            let (started, handle) = std::sync::mpsc::channel();
+            // The runtime is built on its own thread and never leaves it: dropping a
+            // runtime inside the caller's async context (a failed spawn) would panic.
             thread::Builder::new()
                 .name(format!("ims-proxy-worker-{index}"))
                 .spawn(move || {
                     INDEX.with(|i| i.set(index));
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = started.send(Ok(runtime.handle().clone()));
                     // Runs the worker's tasks until the stop; the runtime is dropped
                     // here, on its own thread, which cancels whatever is left.
                     let _ = runtime.block_on(stopped);
                 })?;
+            // A brief wait, once per worker at start-up, for its runtime to exist.
+            let handle = handle
+                .recv()
+                .map_err(|_| io::Error::other("worker thread ended while starting"))??;
+            workers.handles.push(handle);
+            workers.stops.push(stop);
         }
         Ok(workers)
     }
@@ -145,7 +160,8 @@ impl Balance {
         (to, guard)
     }
 
-    /// Passes a connection to worker `to`; false if that worker is gone (shutting down).
+    /// Passes a connection to worker `to`; false if that worker no longer takes any
+    /// (it is draining), and the connection is dropped.
     pub fn hand_to(&self, to: usize, handoff: Handoff) -> bool {
         self.inboxes[to].send(handoff).is_ok()
     }
