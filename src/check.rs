@@ -113,9 +113,11 @@ fn describe(path: &Path, c: &Config) -> String {
     let s = &c.server;
     let _ = writeln!(
         out,
-        "listen {} ({}), admin {}",
+        "listen {} ({}, {} worker{}), admin {}",
         s.listen,
         if s.tls.is_some() { "TLS" } else { "plain HTTP" },
+        s.workers,
+        if s.workers == 1 { "" } else { "s" },
         s.admin_listen
     );
 

@@ -240,11 +240,18 @@ fn check_names_the_bad_key() {
 
 #[test]
 fn check_prints_routes_and_never_the_secret() {
-    let o = check(&static_config(&Setup::default()), &[]);
+    let o = check(
+        &static_config(&Setup {
+            server: "workers = 3".into(),
+            ..Setup::default()
+        }),
+        &[],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", o.all());
     let out = o.all();
     for expected in [
         "valid",
+        "(plain HTTP, 3 workers)",
         "routes:",
         "workfront",
         "/workfront",
