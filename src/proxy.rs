@@ -11,8 +11,10 @@ use crate::route::Route;
 use crate::slots::{Slot, TimedOut};
 use crate::state::{CredentialRuntime, Shared, Snapshot};
 use crate::token::Token;
+use crate::upstream::{Checkin, Replay, UpstreamError};
 use bytes::Bytes;
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
@@ -194,7 +196,7 @@ async fn journey(
         route: &route,
         cred: &cred,
     };
-    let resp = match held {
+    let (resp, checkin) = match held {
         Held::Stream(body) => {
             upstream
                 .send_streamed(
@@ -217,13 +219,17 @@ async fn journey(
     };
     Ok((
         stream_back(resp, &route, &cred, &chargeback, ctx),
-        (inflight, slot),
+        (inflight, slot, checkin),
     ))
 }
 
 /// What a proxied response's body keeps alive besides the exchange: the route's
-/// in-flight gauge and the credential's `max_in_flight` slot.
-type JourneyGuards = (GaugeGuard, Option<Slot>);
+/// in-flight gauge, the credential's `max_in_flight` slot, and the upstream
+/// connection's way back to its pool.
+type JourneyGuards = (GaugeGuard, Option<Slot>, Checkin);
+
+/// The upstream's response head, and its connection's way back to the pool.
+type Answer = (Response<Incoming>, Checkin);
 
 /// Where a request goes once rewritten: the route's upstream, with its credential.
 struct Upstream<'a> {
@@ -241,31 +247,41 @@ impl Upstream<'_> {
         parts: Parts,
         body: Bytes,
         token: &Token,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let replay = (
+    ) -> Result<Answer, ProxyError> {
+        let (method, uri, headers) = (
             parts.method.clone(),
             parts.uri.clone(),
             parts.headers.clone(),
         );
-        let resp = self
-            .send(ctx, Request::from_parts(parts, full(body.clone())))
+        let again = || {
+            let mut r = Request::new(full(body.clone()));
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            r
+        };
+        // Only an idempotent request may go twice after a connection closed under it.
+        let replay: Option<Replay<'_>> = parts.method.is_idempotent().then_some(&again);
+        let answer = self
+            .send(ctx, Request::from_parts(parts, full(body.clone())), replay)
             .await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
+        if answer.0.status() != StatusCode::UNAUTHORIZED {
+            return Ok(answer);
         }
         let Some(fresh) = self.cred.manager.refresh_after_rejection(token).await else {
-            return Ok(resp);
+            return Ok(answer);
         };
+        drop(answer);
         tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
-        let mut again = Request::new(full(body));
-        *again.method_mut() = replay.0;
-        *again.uri_mut() = replay.1;
-        *again.headers_mut() = replay.2;
-        again
-            .headers_mut()
-            .insert(header::AUTHORIZATION, fresh.header.clone());
+        let with_fresh = || {
+            let mut r = again();
+            r.headers_mut()
+                .insert(header::AUTHORIZATION, fresh.header.clone());
+            r
+        };
         ctx.token_fingerprint = Some(fresh.fingerprint.clone());
-        self.send(ctx, again).await
+        let replay: Option<Replay<'_>> = method.is_idempotent().then_some(&with_fresh);
+        self.send(ctx, with_fresh(), replay).await
     }
 
     /// A streamed body cannot be sent twice: a 401 is passed on, and the token renewed for the next requests.
@@ -275,15 +291,17 @@ impl Upstream<'_> {
         parts: Parts,
         body: ProxyBody,
         token: Arc<Token>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let resp = self.send(ctx, Request::from_parts(parts, body)).await?;
-        if resp.status() == StatusCode::UNAUTHORIZED {
+    ) -> Result<Answer, ProxyError> {
+        let answer = self
+            .send(ctx, Request::from_parts(parts, body), None)
+            .await?;
+        if answer.0.status() == StatusCode::UNAUTHORIZED {
             let manager = self.cred.manager.clone();
             tokio::spawn(async move {
                 manager.refresh_after_rejection(&token).await;
             });
         }
-        Ok(resp)
+        Ok(answer)
     }
 
     /// Sends the request and waits for the response head (bounded by `upstream_timeout`).
@@ -291,16 +309,22 @@ impl Upstream<'_> {
         &self,
         ctx: &mut RequestCtx,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        replay: Option<Replay<'_>>,
+    ) -> Result<Answer, ProxyError> {
         let started = Instant::now();
-        let timeout = self.route.config.upstream_timeout;
-        let result = tokio::time::timeout(timeout, self.snap.upstream.request(req)).await;
+        let c = &self.route.config;
+        let timeout = c.upstream_timeout;
+        let sent =
+            self.snap
+                .upstream
+                .request(&c.upstream_scheme, &c.upstream_authority, req, replay);
+        let result = tokio::time::timeout(timeout, sent).await;
         let elapsed = started.elapsed();
         ctx.upstream_time = Some(elapsed);
         let (kind, err) = match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok(answer)) => {
                 self.route.upstream_duration.observe(elapsed.as_secs_f64());
-                return Ok(resp);
+                return Ok(answer);
             }
             Err(_) => ("timeout", ProxyError::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
@@ -327,9 +351,12 @@ impl Upstream<'_> {
 
 /// True when an upstream request failed because the streamed client body did: the
 /// client-side hyper error wraps the server-side one that read the client's bytes.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+fn client_body_failed(e: &UpstreamError) -> bool {
+    let UpstreamError::Http(e) = e else {
+        return false;
+    };
     let mut hyper_errors = 0;
-    let mut source = std::error::Error::source(e);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
             if hyper_errors == 0 && !h.is_user() {
@@ -560,14 +587,10 @@ fn rewrite_request(
         pq.push_str(&q);
     }
     let c = &route.config;
-    let uri = Uri::builder()
-        .scheme(c.upstream_scheme.clone())
-        .authority(c.upstream_authority.clone())
-        .path_and_query(pq)
-        .build();
+    // Origin-form: the upstream client adds scheme and authority where HTTP/2 needs them.
     // The path was already validated by hyper and only lost parameters: this cannot fail.
-    if let Ok(uri) = uri {
-        parts.uri = uri;
+    if let Ok(pq) = PathAndQuery::from_maybe_shared(pq) {
+        parts.uri = Uri::from(pq);
     }
     parts.version = Version::HTTP_11;
     let h = &mut parts.headers;

@@ -7,43 +7,354 @@
 use crate::body::{BoxError, ProxyBody};
 use crate::config::OutboundConfig;
 use crate::workers;
-use http::{Request, Uri};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-/// One worker's pooled client.
-type Pool = Client<HttpsConnector<EgressConnector>, ProxyBody>;
+/// Connections to upstreams: TLS (or plain http) over TCP, directly or tunnelled.
+type Connector = HttpsConnector<EgressConnector>;
 
 /// The client the hot path forwards with: one pool per worker thread.
+///
+/// Our own pool rather than hyper-util's: a worker's requests look up their
+/// upstream among a handful by comparing the authority (no hashing), and a
+/// connection goes back to its pool when the response body ends, without a task
+/// spawned to wait for it. Per request that is a third fewer instructions on the
+/// path between the client's connection and the upstream's.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    pools: Arc<[Pool]>,
+    shared: Arc<Shared>,
 }
 
+struct Shared {
+    connector: Connector,
+    h2: http2::Builder<TokioExecutor>,
+    idle_timeout: Duration,
+    /// One per worker: only that worker's thread locks it (but the main runtime may share the first).
+    pools: Box<[Mutex<Pool>]>,
+}
+
+/// One worker's connections, by upstream.
+#[derive(Default)]
+struct Pool {
+    /// Appended to, never reordered: a `Checkin` keeps its upstream's index.
+    hosts: Vec<Host>,
+    /// Whether this pool's idle sweep is running.
+    sweeping: bool,
+}
+
+/// One upstream's connections in one worker.
+struct Host {
+    scheme: Scheme,
+    authority: Authority,
+    /// Idle HTTP/1 connections, the most recently used last (reused first).
+    idle: Vec<Idle>,
+    /// The upstream's HTTP/2 connection, shared by all requests, and when it was last used.
+    h2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
+}
+
+struct Idle {
+    tx: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// A connection taken for one request.
+enum Conn {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+/// Why an upstream request got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection: DNS, TCP, TLS or the egress proxy's tunnel failed.
+    #[error("connect: {0}")]
+    Connect(#[source] BoxError),
+    /// The exchange failed on an established connection (or its HTTP/2 handshake did).
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// True when no connection to the upstream could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+/// Returns an HTTP/1 connection to its pool when dropped, if it is ready for the
+/// next request (the response came in whole). Held by the response body, so it
+/// drops when the body ends; a connection dropped mid-response closes instead.
+pub struct Checkin {
+    back: Option<(Arc<Shared>, usize, usize, http1::SendRequest<ProxyBody>)>,
+}
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        let Some((shared, worker, host, tx)) = self.back.take() else {
+            return;
+        };
+        // Not ready means the response was not read to its end (or the request body is
+        // still going up): closing costs one connect; reusing could mix two exchanges.
+        if !tx.is_ready() {
+            return;
+        }
+        let Ok(mut pool) = shared.pools[worker].lock() else {
+            return;
+        };
+        if let Some(h) = pool.hosts.get_mut(host) {
+            h.idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// How many times one request is tried again after meeting a kept-alive
+/// connection the upstream had just closed.
+const MAX_STALE_RETRIES: usize = 3;
+
+/// Builds the same request again, for a retry; given only for requests that
+/// may be sent twice (idempotent method, body held whole).
+pub type Replay<'a> = &'a (dyn Fn() -> Request<ProxyBody> + Sync);
+
 impl UpstreamClient {
-    /// Sends `req` on the calling worker's own pool (the first pool off the workers).
-    pub fn request(&self, req: Request<ProxyBody>) -> ResponseFuture {
+    /// Sends `req` (an origin-form target) to `scheme://authority` on the calling
+    /// worker's own pool, and returns the response head with the connection's way back.
+    ///
+    /// An upstream may close a kept-alive connection just as it is reused (the
+    /// keep-alive race). A request it never saw is sent again on another connection;
+    /// one it may have seen is sent again only if `replay` can rebuild it, as
+    /// RFC 9110 §9.2.2 allows for idempotent requests. A fresh connection's failure
+    /// is the upstream's answer and is not retried.
+    pub async fn request(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        mut req: Request<ProxyBody>,
+        replay: Option<Replay<'_>>,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        let shared = &self.shared;
         // `build` never makes an empty set; the modulo keeps a stray index in range.
-        self.pools[workers::current() % self.pools.len()].request(req)
+        let worker = workers::current() % shared.pools.len();
+        let mut stale = 0;
+        loop {
+            let (host, conn, reused) = match shared.checkout(worker, scheme, authority) {
+                (host, Some(conn)) => (host, conn, true),
+                (host, None) => (
+                    host,
+                    shared.connect(worker, host, scheme, authority).await?,
+                    false,
+                ),
+            };
+            let mut failed = match conn {
+                Conn::H1(mut tx) => match tx.try_send_request(req).await {
+                    Ok(resp) => {
+                        let back = Some((shared.clone(), worker, host, tx));
+                        return Ok((resp, Checkin { back }));
+                    }
+                    Err(e) => e,
+                },
+                Conn::H2(mut tx) => {
+                    with_authority(&mut req, scheme, authority);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok((resp, Checkin { back: None })),
+                        Err(e) => e,
+                    }
+                }
+            };
+            let again = match failed.take_message() {
+                // Never written: the connection was found closed before the request went out.
+                Some(unsent) => Some(unsent),
+                // Written, then the connection closed without an answer.
+                None if failed.error().is_incomplete_message() => replay.map(|r| r()),
+                None => None,
+            };
+            match again {
+                Some(r) if reused && stale < MAX_STALE_RETRIES => {
+                    tracing::debug!(error = %failed.error(), "kept-alive upstream connection closed under a request; trying another");
+                    stale += 1;
+                    req = r;
+                    origin_form(&mut req);
+                }
+                _ => return Err(failed.into_error().into()),
+            }
+        }
     }
 
     /// How many pools (workers) this client serves.
     pub fn pools(&self) -> usize {
-        self.pools.len()
+        self.shared.pools.len()
     }
+}
+
+impl Shared {
+    /// The upstream's index in the worker's pool, and a connection ready to take a
+    /// request if one is kept: the shared HTTP/2 one, else the last idle HTTP/1 one.
+    fn checkout(
+        &self,
+        worker: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> (usize, Option<Conn>) {
+        let Ok(mut pool) = self.pools[worker].lock() else {
+            return (usize::MAX, None);
+        };
+        let index = match pool
+            .hosts
+            .iter()
+            .position(|h| h.authority == *authority && h.scheme == *scheme)
+        {
+            Some(i) => i,
+            None => {
+                pool.hosts.push(Host {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    idle: Vec::new(),
+                    h2: None,
+                });
+                pool.hosts.len() - 1
+            }
+        };
+        let host = &mut pool.hosts[index];
+        if let Some((tx, used)) = &mut host.h2 {
+            if !tx.is_closed() {
+                *used = Instant::now();
+                return (index, Some(Conn::H2(tx.clone())));
+            }
+            host.h2 = None;
+        }
+        // Idle connections are ready unless the upstream closed them since.
+        while let Some(idle) = host.idle.pop() {
+            if idle.tx.is_ready() {
+                return (index, Some(Conn::H1(idle.tx)));
+            }
+        }
+        (index, None)
+    }
+
+    /// A new connection to the upstream: HTTP/2 when TLS's ALPN chose it (then kept
+    /// for every request to that upstream), else HTTP/1.1.
+    async fn connect(
+        self: &Arc<Self>,
+        worker: usize,
+        host: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<Conn, UpstreamError> {
+        let dst = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(dst)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        self.sweep_from_here(worker);
+        if io.connected().is_negotiated_h2() {
+            let (tx, conn) = self.h2.handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            if let Ok(mut pool) = self.pools[worker].lock() {
+                if let Some(h) = pool.hosts.get_mut(host) {
+                    h.h2 = Some((tx.clone(), Instant::now()));
+                }
+            }
+            return Ok(Conn::H2(tx));
+        }
+        let (tx, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(Conn::H1(tx))
+    }
+
+    /// Starts the worker's idle sweep on first use, on the worker's own runtime.
+    fn sweep_from_here(self: &Arc<Self>, worker: usize) {
+        let Ok(mut pool) = self.pools[worker].lock() else {
+            return;
+        };
+        if std::mem::replace(&mut pool.sweeping, true) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.idle_timeout.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                // The client was replaced (a reload changed `outbound`): its pools are gone.
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                shared.sweep(worker);
+            }
+        });
+    }
+
+    /// Closes connections idle for longer than `pool_idle_timeout`, and forgets closed ones.
+    fn sweep(&self, worker: usize) {
+        let Ok(mut pool) = self.pools[worker].lock() else {
+            return;
+        };
+        let limit = self.idle_timeout;
+        for h in &mut pool.hosts {
+            h.idle
+                .retain(|i| i.tx.is_ready() && i.since.elapsed() < limit);
+            if h.h2
+                .as_ref()
+                .is_some_and(|(tx, used)| tx.is_closed() || used.elapsed() >= limit)
+            {
+                h.h2 = None;
+            }
+        }
+    }
+}
+
+/// HTTP/2 carries the upstream's scheme and authority in the request (`:scheme`, `:authority`).
+fn with_authority(req: &mut Request<ProxyBody>, scheme: &Scheme, authority: &Authority) {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// HTTP/1.1 to an origin server takes the path and query alone.
+fn origin_form(req: &mut Request<ProxyBody>) {
+    if req.uri().authority().is_none() {
+        return;
+    }
+    let pq = req.uri().path_and_query().cloned();
+    *req.uri_mut() = pq.map(Uri::from).unwrap_or_default();
 }
 
 /// Which destinations go through an egress proxy: `outbound.proxy` for all,
@@ -142,14 +453,6 @@ pub fn tls_client_config(outbound: &OutboundConfig) -> Result<rustls::ClientConf
 /// Builds the pooled client, with a pool for each of `workers` (at least one).
 pub fn build(outbound: &OutboundConfig, workers: usize) -> Result<UpstreamClient, String> {
     let tls = tls_client_config(outbound)?;
-    let matcher = Arc::new(egress_matcher(outbound));
-    let pools = (0..workers.max(1))
-        .map(|_| pool(outbound, tls.clone(), matcher.clone()))
-        .collect();
-    Ok(UpstreamClient { pools })
-}
-
-fn pool(outbound: &OutboundConfig, tls: rustls::ClientConfig, matcher: Arc<Matcher>) -> Pool {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -157,17 +460,163 @@ fn pool(outbound: &OutboundConfig, tls: rustls::ClientConfig, matcher: Arc<Match
     http.set_keepalive(Some(Duration::from_secs(60)));
     let egress = EgressConnector {
         direct: http,
-        matcher,
+        matcher: Arc::new(egress_matcher(outbound)),
     };
-    let https = HttpsConnectorBuilder::new()
+    let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(egress);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(outbound.pool_idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    let pools = (0..workers.max(1)).map(|_| Mutex::default()).collect();
+    Ok(UpstreamClient {
+        shared: Arc::new(Shared {
+            connector,
+            h2,
+            idle_timeout: outbound.pool_idle_timeout,
+            pools,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::full;
+    use http_body_util::BodyExt;
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    /// Reads one request head (no body) from a blocking socket.
+    fn read_head(s: &mut std::net::TcpStream) {
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => return,
+            }
+        }
+    }
+
+    fn answer(s: &mut std::net::TcpStream, body: &str) {
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(reply.as_bytes()).expect("upstream writes");
+    }
+
+    /// A GET through `client`, which may be replayed if `replayable`.
+    async fn get(
+        client: &UpstreamClient,
+        authority: &Authority,
+        replayable: bool,
+    ) -> Result<String, UpstreamError> {
+        let again = || Request::get("/x").body(full("")).expect("request");
+        let replay: Option<Replay<'_>> = replayable.then_some(&again);
+        let (resp, checkin) = client
+            .request(&Scheme::HTTP, authority, again(), replay)
+            .await?;
+        let body = resp.into_body().collect().await?.to_bytes();
+        drop(checkin);
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// An upstream that answers "first" on its first connection, closes it when told
+    /// to, then answers "second" on the next connection if one comes within a second.
+    /// The thread returns whether it did.
+    struct ClosingUpstream {
+        authority: Authority,
+        close: mpsc::Sender<()>,
+        closed: mpsc::Receiver<()>,
+        thread: std::thread::JoinHandle<bool>,
+    }
+
+    fn closing_upstream() -> ClosingUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let authority: Authority = listener
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority");
+        let (close, close_rx) = mpsc::channel::<()>();
+        let (closed_tx, closed) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().expect("first connection");
+            read_head(&mut first);
+            answer(&mut first, "first");
+            close_rx.recv().expect("close signal");
+            drop(first);
+            closed_tx.send(()).expect("ack");
+            listener.set_nonblocking(true).expect("nonblocking");
+            for _ in 0..100 {
+                if let Ok((mut second, _)) = listener.accept() {
+                    second.set_nonblocking(false).expect("blocking");
+                    read_head(&mut second);
+                    answer(&mut second, "second");
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        });
+        ClosingUpstream {
+            authority,
+            close,
+            closed,
+            thread,
+        }
+    }
+
+    fn client() -> UpstreamClient {
+        let outbound = OutboundConfig {
+            ca_file: None,
+            proxy: None,
+            pool_idle_timeout: Duration::from_secs(90),
+        };
+        build(&outbound, 1).expect("client")
+    }
+
+    // The upstream closes a kept-alive connection after the pool handed it out but
+    // before it read the request: the request goes again on a new connection.
+    // A current-thread runtime makes that order certain: the connection's task cannot
+    // see the close until the request's task yields, after its checkout.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replayable_request_meeting_a_just_closed_connection_goes_on_a_new_one() {
+        let up = closing_upstream();
+        let client = client();
+        assert_eq!(
+            get(&client, &up.authority, true).await.expect("first"),
+            "first"
+        );
+        // Blocking here keeps the connection's task from running until the request below.
+        up.close.send(()).expect("signal");
+        up.closed.recv().expect("closed");
+        let again = get(&client, &up.authority, true).await;
+        assert_eq!(again.expect("sent again"), "second");
+        assert!(up.thread.join().expect("upstream thread"));
+    }
+
+    // The same race for a request that must not go twice (a POST, a streamed body):
+    // its failure is reported, and no second connection carries it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_that_cannot_be_replayed_is_not_sent_twice() {
+        let up = closing_upstream();
+        let client = client();
+        assert_eq!(
+            get(&client, &up.authority, false).await.expect("first"),
+            "first"
+        );
+        up.close.send(()).expect("signal");
+        up.closed.recv().expect("closed");
+        match get(&client, &up.authority, false).await {
+            Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e}"),
+            other => panic!("expected the closed connection's error, got {other:?}"),
+        }
+        assert!(!up.thread.join().expect("upstream thread"), "sent twice");
+    }
 }

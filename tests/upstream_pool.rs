@@ -1,0 +1,206 @@
+//! The upstream connection pool, seen from a raw upstream that numbers its
+//! connections: reuse, upstreams that close kept-alive connections, the idle
+//! limit, and responses abandoned half-way.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+/// How long the raw upstream keeps a silent connection: longer than any wait here,
+/// so a connection that closes sooner was closed by the proxy.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// How the raw upstream treats each connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Answers every request and keeps the connection open.
+    KeepAlive,
+    /// Answers one request (without `Connection: close`), then closes.
+    CloseAfterOne,
+}
+
+/// A raw HTTP/1.1 upstream. Each answer says which connection served it
+/// (`conn=N req=M`); `/big` starts a 64 MiB body and sends it slowly.
+struct RawUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl RawUpstream {
+    async fn start(mode: Mode) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let conn = a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    serve(s, conn, mode).await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves requests without bodies until the peer leaves, `UPSTREAM_IDLE` passes, or `mode` says close.
+async fn serve(mut s: TcpStream, conn: usize, mode: Mode) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    for req in 0.. {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match tokio::time::timeout(UPSTREAM_IDLE, s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        if head.starts_with("GET /big") {
+            let size = 64u64 << 20;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            // Slow enough that the client gives up long before the end.
+            for _ in 0..(size >> 16) {
+                if s.write_all(&[b'x'; 1 << 16]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            return;
+        }
+        let body = format!("conn={conn} req={req}");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if s.write_all(answer.as_bytes()).await.is_err() || mode == Mode::CloseAfterOne {
+            return;
+        }
+    }
+}
+
+/// One worker (so one pool) in front of the raw upstream, with extra `[outbound]` lines.
+async fn proxy_to(up: &RawUpstream, outbound: &str) -> Harness {
+    let h = Harness::with(Setup {
+        server: "workers = 1".into(),
+        outbound: outbound.into(),
+        upstream_url: Some(format!("http://{}", up.addr)),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    h
+}
+
+async fn wf_get(h: &Harness) -> Reply {
+    get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "").await;
+    for i in 0..10 {
+        let r = wf_get(&h).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("conn=0 req={i}"));
+    }
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_each_kept_alive_connection_fails_no_request() {
+    // No pause between requests: the next one races the upstream's close, and is
+    // either given a fresh connection or retried on one, never refused.
+    let up = RawUpstream::start(Mode::CloseAfterOne).await;
+    let h = proxy_to(&up, "").await;
+    for i in 0..30 {
+        let r = wf_get(&h).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert!(r.text().ends_with(" req=0"), "{}", r.text());
+    }
+    assert_eq!(up.accepted(), 30);
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_close_after_pool_idle_timeout() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "pool_idle_timeout = \"200ms\"").await;
+    assert_eq!(wf_get(&h).await.text(), "conn=0 req=0");
+    assert_eq!(up.open(), 1);
+    let deadline = Instant::now() + LIMIT;
+    while up.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.open(),
+        0,
+        "the idle connection is still open after {LIMIT:?}"
+    );
+    // The next request opens a new connection.
+    assert_eq!(wf_get(&h).await.text(), "conn=1 req=0");
+}
+
+#[tokio::test]
+async fn a_response_abandoned_half_way_never_answers_the_next_request() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "").await;
+    // A client reads the head of a long download and leaves.
+    let mut c = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    c.write_all(
+        format!("GET /workfront/big HTTP/1.1\r\nhost: p\r\nx-proxy-key: {KEY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 16384];
+    while seen.len() < 100_000 {
+        let n = tokio::time::timeout(LIMIT, c.read(&mut chunk))
+            .await
+            .expect("the download starts")
+            .unwrap();
+        assert!(n > 0, "the proxy closed early");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    drop(c);
+    // The half-read connection cannot carry another exchange: a new one does.
+    for i in 0..3 {
+        let r = wf_get(&h).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("conn=1 req={i}"));
+    }
+    assert_eq!(up.accepted(), 2);
+}
