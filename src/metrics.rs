@@ -1,15 +1,22 @@
 //! Prometheus metrics: the names and labels of the spec, in a registry per server.
 
+use crate::route::Route;
+use prometheus::Histogram;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use rustc_hash::FxHashMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
+    /// Never reused in a process, so a thread's cached series handles know their registry.
+    id: u64,
     /// `ims_proxy_requests_total{route,client,method,status}`.
     pub requests_total: IntCounterVec,
     /// `ims_proxy_request_duration_seconds{route,client,method,status}`.
@@ -90,7 +97,9 @@ impl Metrics {
         registry
             .register(Box::new(token_expiry.clone()))
             .expect("unique metric");
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let m = Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             requests_total: counter("ims_proxy_requests_total", "Requests answered", rcms),
             request_duration: histogram(
                 "ims_proxy_request_duration_seconds",
@@ -222,6 +231,66 @@ impl Metrics {
     }
 }
 
+/// A request series' identity: registry, route and client (by address, kept alive
+/// by the entry), method label (a static), status.
+type SeriesKey = (u64, usize, usize, usize, u16);
+
+/// A request series' handles, and what keeps its key's addresses from being reused.
+struct SeriesEntry {
+    _pins: (Option<Arc<Route>>, Option<Arc<str>>),
+    total: IntCounter,
+    duration: Histogram,
+}
+
+/// Entries a thread keeps before starting over (reloads leave old routes behind).
+const SERIES_CACHE_LIMIT: usize = 4096;
+
+thread_local! {
+    static SERIES: RefCell<FxHashMap<SeriesKey, SeriesEntry>> = RefCell::default();
+}
+
+impl Metrics {
+    /// Counts an answered request and its duration. The two series' handles are
+    /// resolved by label once per thread, then found by address: by label, each
+    /// request paid two hashes of four strings and two locks.
+    pub fn observe_request(
+        &self,
+        route: Option<&Arc<Route>>,
+        client: Option<&Arc<str>>,
+        method: &'static str,
+        status: u16,
+        seconds: f64,
+    ) {
+        let key = (
+            self.id,
+            route.map_or(0, |r| Arc::as_ptr(r) as usize),
+            client.map_or(0, |c| Arc::as_ptr(c) as *const u8 as usize),
+            method.as_ptr() as usize,
+            status,
+        );
+        SERIES.with_borrow_mut(|cache| {
+            if !cache.contains_key(&key) && cache.len() >= SERIES_CACHE_LIMIT {
+                cache.clear();
+            }
+            let entry = cache.entry(key).or_insert_with(|| {
+                let labels = [
+                    route.map_or("none", |r| r.name()),
+                    client.map_or("none", |c| c),
+                    method,
+                    status_label(status),
+                ];
+                SeriesEntry {
+                    _pins: (route.cloned(), client.cloned()),
+                    total: self.requests_total.with_label_values(&labels),
+                    duration: self.request_duration.with_label_values(&labels),
+                }
+            });
+            entry.total.inc();
+            entry.duration.observe(seconds);
+        });
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -281,7 +350,7 @@ pub struct Chargeback {
 /// Built with each snapshot, so a request takes its counters from a map instead of
 /// hashing labels under each metric family's lock.
 #[derive(Default)]
-pub struct ChargebackTable(HashMap<String, HashMap<String, Chargeback>>);
+pub struct ChargebackTable(FxHashMap<String, FxHashMap<String, Chargeback>>);
 
 impl ChargebackTable {
     /// Creates the route and client's series at zero and keeps their handles.
@@ -302,5 +371,40 @@ impl ChargebackTable {
             Some(c) => Cow::Borrowed(c),
             None => Cow::Owned(metrics.chargeback(route, client)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(m: &Metrics, series: &str) -> Option<String> {
+        m.render()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+    }
+
+    // The per-thread handle cache must never send one registry's counts to another:
+    // two servers in one process see the same labels on the same thread.
+    #[test]
+    fn cached_request_series_stay_with_their_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let alice: Arc<str> = Arc::from("alice");
+        for _ in 0..3 {
+            a.observe_request(None, Some(&alice), "GET", 200, 0.001);
+        }
+        b.observe_request(None, Some(&alice), "GET", 200, 0.001);
+        b.observe_request(None, None, "POST", 503, 0.002);
+        let series =
+            r#"ims_proxy_requests_total{client="alice",method="GET",route="none",status="200"}"#;
+        assert_eq!(count(&a, series).as_deref(), Some("3"));
+        assert_eq!(count(&b, series).as_deref(), Some("1"));
+        let refused =
+            r#"ims_proxy_requests_total{client="none",method="POST",route="none",status="503"}"#;
+        assert_eq!(count(&a, refused), None);
+        assert_eq!(count(&b, refused).as_deref(), Some("1"));
+        let seconds = r#"ims_proxy_request_duration_seconds_count{client="alice",method="GET",route="none",status="200"}"#;
+        assert_eq!(count(&a, seconds).as_deref(), Some("3"));
     }
 }

@@ -5,7 +5,7 @@ use crate::access::{api_key_candidates, Client, Refusal};
 use crate::body::{full, streamed, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
-use crate::metrics::{status_label, Chargeback, Metrics};
+use crate::metrics::{Chargeback, Metrics};
 use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
 use crate::route::Route;
 use crate::slots::{Slot, TimedOut};
@@ -687,17 +687,16 @@ fn method_label(m: &Method) -> &'static str {
 
 /// Metrics, the access-log line and the audit line.
 fn record(shared: &Shared, ctx: &RequestCtx, status: StatusCode) {
-    let metrics = &shared.metrics;
     let route = ctx.route.as_ref().map(|r| r.name()).unwrap_or("none");
     let client = ctx.client.as_ref().map(|c| &*c.name).unwrap_or("none");
-    let method = method_label(&ctx.method);
-    let labels = [route, client, method, status_label(status.as_u16())];
     let elapsed = ctx.start.elapsed();
-    metrics.requests_total.with_label_values(&labels).inc();
-    metrics
-        .request_duration
-        .with_label_values(&labels)
-        .observe(elapsed.as_secs_f64());
+    shared.metrics.observe_request(
+        ctx.route.as_ref(),
+        ctx.client.as_ref().map(|c| &c.name),
+        method_label(&ctx.method),
+        status.as_u16(),
+        elapsed.as_secs_f64(),
+    );
     let request_id = ctx.request_id.to_str().unwrap_or("-");
     // Whole microseconds: integer fields format several times faster than floats.
     let duration_us = elapsed.as_micros() as u64;

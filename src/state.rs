@@ -14,6 +14,7 @@ use crate::upstream::{self, UpstreamClient};
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use prometheus::IntGauge;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -47,7 +48,7 @@ pub struct Snapshot {
     /// Client access rules.
     pub access: Access,
     /// Credentials by name.
-    pub credentials: HashMap<String, Arc<CredentialRuntime>>,
+    pub credentials: FxHashMap<String, Arc<CredentialRuntime>>,
     /// Chargeback counters (bytes, upstream 429s) per route and client, resolved once per snapshot.
     pub chargeback: ChargebackTable,
     /// Pooled upstream client.
@@ -415,7 +416,7 @@ fn build_snapshot(
         }
     }
     let access = Access::new(&config.access, previous.map(|p| &p.access));
-    let mut credentials = HashMap::new();
+    let mut credentials = FxHashMap::default();
     let by_name: BTreeMap<_, _> = config.credentials.iter().collect();
     for (name, c) in by_name {
         let manager = managers

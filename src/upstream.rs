@@ -219,7 +219,9 @@ impl Shared {
         let index = match pool
             .hosts
             .iter()
-            .position(|h| h.authority == *authority && h.scheme == *scheme)
+            // Byte equality: the route's authority is the same string on every request
+            // (`Authority`'s own `==` folds case byte by byte).
+            .position(|h| h.authority.as_str() == authority.as_str() && h.scheme == *scheme)
         {
             Some(i) => i,
             None => {
