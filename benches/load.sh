@@ -41,6 +41,8 @@
 #   OHA=              path to oha (default: PATH, then ~/.cargo/bin; else `cargo install oha --locked`,
 #                     which takes 10-30 minutes on two busy cores)
 #   OUT=target/load-bench   where the report and raw results go
+#   HOLD=0            >0: start everything, print the ports, keep them up this many
+#                     seconds without measuring (for perf or callgrind by hand), stop
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -62,6 +64,7 @@ BASE_PORT=${BASE_PORT:-18000}
 IMS_PROXY_BIN=${IMS_PROXY_BIN:-}
 OHA=${OHA:-}
 OUT=${OUT:-target/load-bench}
+HOLD=${HOLD:-0}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -220,6 +223,12 @@ fi
 curl -sf -o /dev/null -H "x-proxy-key: wrong" "http://127.0.0.1:$IMS_PX/bench$API_PATH" && die "ims-proxy admitted a wrong key"
 curl -sf -o /dev/null -H "x-proxy-key: wrong" "http://127.0.0.1:$NGX_H1/bench$API_PATH" && die "nginx admitted a wrong key"
 log "all up in $WORK"
+if ((HOLD > 0)); then
+    # For profiling by hand (perf record -p, callgrind): the rig stays up, nothing is measured.
+    log "holding for ${HOLD}s: direct :$UP_H1 (h2c :$UP_H2), nginx :$NGX_H1/bench (h2c :$NGX_H2), ims-proxy :$IMS_PX/bench (pid $IMS_PID), key $KEY, path $API_PATH"
+    sleep "$HOLD" & wait $! # in the background, so a signal stops the rig at once
+    exit 0
+fi
 
 # ---------------------------------------------------------------- measuring
 mkdir -p "$OUT"
