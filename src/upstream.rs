@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 use tower_service::Service;
 
 /// Connections to upstreams: TLS (or plain http) over TCP, directly or tunnelled.
@@ -66,6 +68,41 @@ struct Host {
     idle: Vec<Idle>,
     /// The upstream's HTTP/2 connection, shared by all requests, and when it was last used.
     h2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
+    /// Whether the last TLS handshake chose HTTP/1.1 (ALPN); unknown until one did.
+    speaks_http1: bool,
+    /// A connect in progress that may bring an HTTP/2 connection: other requests
+    /// wait for it rather than each opening one (see `Taken::Wait`).
+    connecting: Option<Arc<Notify>>,
+}
+
+/// What a checkout gives a request.
+enum Taken {
+    /// A connection ready for it.
+    Conn(Conn),
+    /// Nothing kept: open a connection, holding the guard if others wait for it.
+    Connect(Option<Connecting>),
+    /// Another request is opening what may be a shared HTTP/2 connection: wait, then look again.
+    Wait(OwnedNotified),
+}
+
+/// Marks a host's connect in progress; dropping it (done, failed or cancelled)
+/// clears the mark and wakes the requests waiting on it.
+struct Connecting {
+    shared: Arc<Shared>,
+    worker: usize,
+    host: usize,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.shared.pools[self.worker].lock() {
+            if let Some(h) = pool.hosts.get_mut(self.host) {
+                h.connecting = None;
+            }
+        }
+        self.notify.notify_waiters();
+    }
 }
 
 struct Idle {
@@ -153,15 +190,22 @@ impl UpstreamClient {
         let shared = &self.shared;
         // `build` never makes an empty set; the modulo keeps a stray index in range.
         let worker = workers::current() % shared.pools.len();
-        let mut stale = 0;
+        let (mut stale, mut waited) = (0, false);
         loop {
-            let (host, conn, reused) = match shared.checkout(worker, scheme, authority) {
-                (host, Some(conn)) => (host, conn, true),
-                (host, None) => (
-                    host,
-                    shared.connect(worker, host, scheme, authority).await?,
-                    false,
-                ),
+            let (host, taken) = shared.checkout(worker, scheme, authority, !waited);
+            let (conn, reused) = match taken {
+                Taken::Conn(conn) => (conn, true),
+                Taken::Connect(guard) => {
+                    let conn = shared.connect(worker, host, scheme, authority).await;
+                    drop(guard);
+                    (conn?, false)
+                }
+                Taken::Wait(done) => {
+                    // Once: if that connect failed, each request tries its own, in parallel.
+                    done.await;
+                    waited = true;
+                    continue;
+                }
             };
             let mut failed = match conn {
                 Conn::H1(mut tx) => match tx.try_send_request(req).await {
@@ -205,16 +249,18 @@ impl UpstreamClient {
 }
 
 impl Shared {
-    /// The upstream's index in the worker's pool, and a connection ready to take a
-    /// request if one is kept: the shared HTTP/2 one, else the last idle HTTP/1 one.
+    /// The upstream's index in the worker's pool, and what the request gets: the
+    /// shared HTTP/2 connection, else the last idle HTTP/1 one, else a connect of
+    /// its own (or a wait for one in progress that may bring HTTP/2).
     fn checkout(
-        &self,
+        self: &Arc<Self>,
         worker: usize,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> (usize, Option<Conn>) {
+        may_wait: bool,
+    ) -> (usize, Taken) {
         let Ok(mut pool) = self.pools[worker].lock() else {
-            return (usize::MAX, None);
+            return (usize::MAX, Taken::Connect(None));
         };
         let index = match pool
             .hosts
@@ -230,25 +276,55 @@ impl Shared {
                     authority: authority.clone(),
                     idle: Vec::new(),
                     h2: None,
+                    speaks_http1: false,
+                    connecting: None,
                 });
                 pool.hosts.len() - 1
             }
         };
+        let limit = self.idle_timeout;
         let host = &mut pool.hosts[index];
         if let Some((tx, used)) = &mut host.h2 {
-            if !tx.is_closed() {
-                *used = Instant::now();
-                return (index, Some(Conn::H2(tx.clone())));
+            let now = Instant::now();
+            // Past the idle limit it is closed like an HTTP/1 one, not used once more.
+            if !tx.is_closed() && now.duration_since(*used) < limit {
+                *used = now;
+                return (index, Taken::Conn(Conn::H2(tx.clone())));
             }
             host.h2 = None;
         }
-        // Idle connections are ready unless the upstream closed them since.
-        while let Some(idle) = host.idle.pop() {
-            if idle.tx.is_ready() {
-                return (index, Some(Conn::H1(idle.tx)));
+        // The most recent first; ready unless the upstream closed it since. Past the
+        // idle limit it is closed even before the sweep gets to it: an operator sets
+        // the limit below the upstream's keep-alive so the upstream never closes first.
+        if !host.idle.is_empty() {
+            let now = Instant::now();
+            while let Some(idle) = host.idle.pop() {
+                if idle.tx.is_ready() && now.duration_since(idle.since) < limit {
+                    return (index, Taken::Conn(Conn::H1(idle.tx)));
+                }
             }
         }
-        (index, None)
+        // Plain http never negotiates HTTP/2; over TLS, until a handshake chose
+        // HTTP/1.1, one connect at a time: the others share what it brings.
+        if *scheme != Scheme::HTTPS || host.speaks_http1 {
+            return (index, Taken::Connect(None));
+        }
+        if let Some(notify) = &host.connecting {
+            if !may_wait {
+                return (index, Taken::Connect(None));
+            }
+            let done = notify.clone().notified_owned();
+            return (index, Taken::Wait(done));
+        }
+        let notify = Arc::new(Notify::new());
+        host.connecting = Some(notify.clone());
+        let guard = Connecting {
+            shared: self.clone(),
+            worker,
+            host: index,
+            notify,
+        };
+        (index, Taken::Connect(Some(guard)))
     }
 
     /// A new connection to the upstream: HTTP/2 when TLS's ALPN chose it (then kept
@@ -273,7 +349,13 @@ impl Shared {
             .await
             .map_err(UpstreamError::Connect)?;
         self.sweep_from_here(worker);
-        if io.connected().is_negotiated_h2() {
+        let h2 = io.connected().is_negotiated_h2();
+        if let Ok(mut pool) = self.pools[worker].lock() {
+            if let Some(h) = pool.hosts.get_mut(host) {
+                h.speaks_http1 = !h2;
+            }
+        }
+        if h2 {
             let (tx, conn) = self.h2.handshake(io).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -305,7 +387,8 @@ impl Shared {
             return;
         }
         let weak = Arc::downgrade(self);
-        let every = self.idle_timeout.max(Duration::from_millis(100));
+        // Half the limit: an idle connection closes between one and one and a half limits.
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -342,9 +425,10 @@ impl Shared {
 
 /// HTTP/2 carries the upstream's scheme and authority in the request (`:scheme`, `:authority`).
 fn with_authority(req: &mut Request<ProxyBody>, scheme: &Scheme, authority: &Authority) {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    let mut parts = req.uri().clone().into_parts();
     parts.scheme = Some(scheme.clone());
     parts.authority = Some(authority.clone());
+    // Cannot fail for an origin-form target; if it did, the target is left as it was.
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
     }
@@ -380,19 +464,19 @@ pub struct EgressConnector {
     matcher: Arc<Matcher>,
 }
 
-type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+type Dialing = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
 
 impl Service<Uri> for EgressConnector {
     type Response = TokioIo<TcpStream>;
     type Error = BoxError;
-    type Future = Connecting;
+    type Future = Dialing;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // HttpConnector is always ready; each call clones it.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, dst: Uri) -> Connecting {
+    fn call(&mut self, dst: Uri) -> Dialing {
         let mut direct = self.direct.clone();
         let Some(via) = self.matcher.intercept(&dst) else {
             return Box::pin(async move { direct.call(dst).await.map_err(Into::into) });

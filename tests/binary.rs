@@ -372,6 +372,24 @@ async fn start_run_with(
     rust_log: &str,
     flags: &[&str],
 ) -> Running {
+    // `free_port` can lose a race with another test's bind: then new ports, a few times.
+    for _ in 0..3 {
+        match try_start(ims, upstream, rust_log, flags).await {
+            Ok(running) => return running,
+            Err(stderr) if stderr.contains("Address already in use") => continue,
+            Err(stderr) => panic!("ims-proxy run exited early:\n{stderr}"),
+        }
+    }
+    panic!("ims-proxy run found its ports taken three times");
+}
+
+/// One start of `ims-proxy run`; its stderr if it exits before it is ready.
+async fn try_start(
+    ims: &SimIms,
+    upstream: &SimUpstream,
+    rust_log: &str,
+    flags: &[&str],
+) -> Result<Running, String> {
     let dir = tempfile::tempdir().unwrap();
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -400,23 +418,24 @@ async fn start_run_with(
         stderr_path,
         _dir: dir,
     };
-    wait_ready(&mut running).await;
-    running
+    wait_ready(&mut running).await?;
+    Ok(running)
 }
 
-async fn wait_ready(r: &mut Running) {
+/// Waits until `/readyz` says 200; the stderr if the process exits first.
+async fn wait_ready(r: &mut Running) -> Result<(), String> {
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some(st) = r.proc.exited() {
-            panic!("ims-proxy run exited early ({st}):\n{}", r.stderr());
+            return Err(format!("({st}) {}", r.stderr()));
         }
         let req = Request::get(format!("http://{}/readyz", r.admin))
             .body(Full::new(Bytes::new()))
             .unwrap();
         if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await {
             if resp.status() == 200 {
-                return;
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

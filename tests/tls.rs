@@ -7,6 +7,7 @@ use http::{Request, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use support::*;
 
@@ -112,6 +113,11 @@ async fn plaintext_to_the_tls_port_gets_no_http_answer() {
 
 /// An HTTPS upstream with a self-signed certificate, answering with the HTTP version it saw.
 async fn https_upstream(tls: &Tls) -> std::net::SocketAddr {
+    https_upstream_counted(tls).await.0
+}
+
+/// [`https_upstream`], with the number of TLS connections it has accepted.
+async fn https_upstream_counted(tls: &Tls) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use rustls_pki_types::pem::PemObject;
     let certs =
         vec![rustls_pki_types::CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).unwrap()];
@@ -129,8 +135,11 @@ async fn https_upstream(tls: &Tls) -> std::net::SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
@@ -169,7 +178,7 @@ async fn https_upstream(tls: &Tls) -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// A proxy whose routes go to an HTTPS upstream with `tls`'s certificate, trusted through `ca_file`.
@@ -191,6 +200,33 @@ async fn https_upstream_trusted_through_ca_file_is_reached_over_h2() {
     let r = get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().starts_with("HTTP/2.0 Bearer sim-"), "{}", r.text());
+}
+
+// A burst of first requests to an upstream that speaks HTTP/2 opens one TLS
+// connection, not one each: the first connect is waited for, and its HTTP/2
+// connection shared.
+#[tokio::test]
+async fn a_burst_of_first_requests_shares_one_h2_upstream_connection() {
+    let tls = self_signed();
+    let (upstream, accepted) = https_upstream_counted(&tls).await;
+    let ca = tls._dir.path().join("proxy.pem");
+    let h = Harness::with(Setup {
+        server: "workers = 1".into(),
+        outbound: format!("ca_file = {:?}", ca.display().to_string()),
+        upstream_url: Some(format!("https://127.0.0.1:{}", upstream.port())),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let burst: Vec<_> = (0..16)
+        .map(|_| spawn_get(&h, "/workfront/x", KEY))
+        .collect();
+    for r in futures_util::future::join_all(burst).await {
+        let r = r.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().starts_with("HTTP/2.0 Bearer sim-"), "{}", r.text());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

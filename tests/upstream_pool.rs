@@ -173,6 +173,24 @@ async fn idle_upstream_connections_close_after_pool_idle_timeout() {
     assert_eq!(wf_get(&h).await.text(), "conn=1 req=0");
 }
 
+// The idle limit holds when a connection is taken, not only when the sweep (every
+// half limit) runs: an operator sets it below the upstream's keep-alive so that the
+// upstream never closes a connection the proxy is about to reuse.
+#[tokio::test]
+async fn a_connection_past_the_idle_limit_is_never_reused() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "pool_idle_timeout = \"1s\"").await;
+    // The sweep starts with the first connection and looks every 0.5 s.
+    assert_eq!(wf_get(&h).await.text(), "conn=0 req=0");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(wf_get(&h).await.text(), "conn=0 req=1");
+    // Idle since 0.6 s: the sweeps at 1 s and 1.5 s find it younger than the limit,
+    // so at 1.75 s only the check when it is taken keeps it from being reused.
+    tokio::time::sleep(Duration::from_millis(1150)).await;
+    assert_eq!(wf_get(&h).await.text(), "conn=1 req=0");
+    assert_eq!(up.accepted(), 2);
+}
+
 #[tokio::test]
 async fn a_response_abandoned_half_way_never_answers_the_next_request() {
     let up = RawUpstream::start(Mode::KeepAlive).await;
@@ -195,7 +213,18 @@ async fn a_response_abandoned_half_way_never_answers_the_next_request() {
         seen.extend_from_slice(&chunk[..n]);
     }
     assert!(seen.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert_eq!(up.open(), 1);
     drop(c);
+    // The half-read upstream connection is closed, not kept.
+    let deadline = Instant::now() + LIMIT;
+    while up.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.open(),
+        0,
+        "the abandoned upstream connection is still open"
+    );
     // The half-read connection cannot carry another exchange: a new one does.
     for i in 0..3 {
         let r = wf_get(&h).await;
