@@ -93,9 +93,11 @@ fn fresh_request_id() -> HeaderValue {
     let halves = hex::encode_to_slice(prefix.to_be_bytes(), &mut hex[..16])
         .and_then(|()| hex::encode_to_slice(n.to_be_bytes(), &mut hex[16..]));
     match halves {
-        Ok(()) => {
-            HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-        }
+        // Owned by a shared buffer from the start: the id is cloned into the upstream
+        // request and the response, and a copied `Bytes` would allocate again on its
+        // first clone to become shareable.
+        Ok(()) => HeaderValue::from_maybe_shared(Bytes::from_owner(hex))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         Err(_) => HeaderValue::from_static("unknown"),
     }
 }

@@ -91,8 +91,10 @@ fn remove_connection_named(headers: &mut HeaderMap) {
                 continue;
             };
             // `Connection` itself goes last, with the hop-by-hop ones: removing it now
-            // would lose the values not yet read.
-            if !name.eq_ignore_ascii_case("connection") {
+            // would lose the values not yet read. `keep-alive`, on nearly every upstream
+            // response, is hop-by-hop and goes then too: no lookup for it here.
+            if !name.eq_ignore_ascii_case("connection") && !name.eq_ignore_ascii_case("keep-alive")
+            {
                 headers.remove(name);
             }
         }
