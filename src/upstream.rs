@@ -667,42 +667,43 @@ mod tests {
         build(&outbound, 1).expect("client")
     }
 
+    /// Through a fresh client: one request to a `closing_upstream`, the close, then a
+    /// second request, which may be replayed if `replayable`. Its result, and whether
+    /// a second connection carried it.
+    async fn second_request_after_a_close(
+        replayable: bool,
+    ) -> (Result<String, UpstreamError>, bool) {
+        let up = closing_upstream();
+        let client = client();
+        let first = get(&client, &up.authority, replayable).await;
+        assert_eq!(first.expect("first"), "first");
+        // Blocking here keeps the connection's task from running until the request below.
+        up.close.send(()).expect("signal");
+        up.closed.recv().expect("closed");
+        let second = get(&client, &up.authority, replayable).await;
+        (second, up.thread.join().expect("upstream thread"))
+    }
+
     // The upstream closes a kept-alive connection after the pool handed it out but
     // before it read the request: the request goes again on a new connection.
     // A current-thread runtime makes that order certain: the connection's task cannot
     // see the close until the request's task yields, after its checkout.
     #[tokio::test(flavor = "current_thread")]
     async fn a_replayable_request_meeting_a_just_closed_connection_goes_on_a_new_one() {
-        let up = closing_upstream();
-        let client = client();
-        assert_eq!(
-            get(&client, &up.authority, true).await.expect("first"),
-            "first"
-        );
-        // Blocking here keeps the connection's task from running until the request below.
-        up.close.send(()).expect("signal");
-        up.closed.recv().expect("closed");
-        let again = get(&client, &up.authority, true).await;
-        assert_eq!(again.expect("sent again"), "second");
-        assert!(up.thread.join().expect("upstream thread"));
+        let (second, reconnected) = second_request_after_a_close(true).await;
+        assert_eq!(second.expect("sent again"), "second");
+        assert!(reconnected);
     }
 
     // The same race for a request that must not go twice (a POST, a streamed body):
     // its failure is reported, and no second connection carries it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_request_that_cannot_be_replayed_is_not_sent_twice() {
-        let up = closing_upstream();
-        let client = client();
-        assert_eq!(
-            get(&client, &up.authority, false).await.expect("first"),
-            "first"
-        );
-        up.close.send(()).expect("signal");
-        up.closed.recv().expect("closed");
-        match get(&client, &up.authority, false).await {
+        let (second, reconnected) = second_request_after_a_close(false).await;
+        match second {
             Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e}"),
             other => panic!("expected the closed connection's error, got {other:?}"),
         }
-        assert!(!up.thread.join().expect("upstream thread"), "sent twice");
+        assert!(!reconnected, "sent twice");
     }
 }

@@ -124,6 +124,15 @@ async fn proxy_to(up: &RawUpstream, outbound: &str) -> Harness {
     h
 }
 
+/// Waits (at most `LIMIT`) until the proxy has closed every connection to `up`.
+async fn wait_all_closed(up: &RawUpstream, what: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while up.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.open(), 0, "{what} is still open after {LIMIT:?}");
+}
+
 async fn wf_get(h: &Harness) -> Reply {
     get(&h.url("/workfront/x"), &[("x-proxy-key", KEY)]).await
 }
@@ -160,15 +169,7 @@ async fn idle_upstream_connections_close_after_pool_idle_timeout() {
     let h = proxy_to(&up, "pool_idle_timeout = \"200ms\"").await;
     assert_eq!(wf_get(&h).await.text(), "conn=0 req=0");
     assert_eq!(up.open(), 1);
-    let deadline = Instant::now() + LIMIT;
-    while up.open() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        up.open(),
-        0,
-        "the idle connection is still open after {LIMIT:?}"
-    );
+    wait_all_closed(&up, "the idle connection").await;
     // The next request opens a new connection.
     assert_eq!(wf_get(&h).await.text(), "conn=1 req=0");
 }
@@ -216,15 +217,7 @@ async fn a_response_abandoned_half_way_never_answers_the_next_request() {
     assert_eq!(up.open(), 1);
     drop(c);
     // The half-read upstream connection is closed, not kept.
-    let deadline = Instant::now() + LIMIT;
-    while up.open() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        up.open(),
-        0,
-        "the abandoned upstream connection is still open"
-    );
+    wait_all_closed(&up, "the abandoned upstream connection").await;
     // The half-read connection cannot carry another exchange: a new one does.
     for i in 0..3 {
         let r = wf_get(&h).await;
