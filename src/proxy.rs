@@ -263,7 +263,8 @@ impl Upstream<'_> {
             r
         };
         // Only an idempotent request may go twice after a connection closed under it.
-        let replay: Option<Replay<'_>> = parts.method.is_idempotent().then_some(&again);
+        let idempotent = method.is_idempotent();
+        let replay: Option<Replay<'_>> = idempotent.then_some(&again);
         let answer = self
             .send(ctx, Request::from_parts(parts, full(body.clone())), replay)
             .await?;
@@ -282,7 +283,7 @@ impl Upstream<'_> {
             r
         };
         ctx.token_fingerprint = Some(fresh.fingerprint.clone());
-        let replay: Option<Replay<'_>> = method.is_idempotent().then_some(&with_fresh);
+        let replay: Option<Replay<'_>> = idempotent.then_some(&with_fresh);
         self.send(ctx, with_fresh(), replay).await
     }
 
