@@ -12,6 +12,9 @@
 #
 # Usage: benches/load/profile.sh   (needs valgrind, nginx, oha, python3)
 # Knobs: REQUESTS=20000 (callgrind), N1=2000 N2=12000 (dhat), CONNS=8, ACCESS_LOG=on,
+#        SWAP=0 (1: tokens live 2 s, so the proxy swaps its token about once a second;
+#        the summary says how many tokens were issued while the requests ran),
+#        DHAT=1 (0: callgrind only),
 #        IMS_PROXY_BIN, OHA, OUT=target/load-bench/profile, BASE_PORT=18100
 set -euo pipefail
 
@@ -20,6 +23,8 @@ N1=${N1:-2000}
 N2=${N2:-12000}
 CONNS=${CONNS:-8}
 ACCESS_LOG=${ACCESS_LOG:-on}
+SWAP=${SWAP:-0}
+DHAT=${DHAT:-1}
 BASE_PORT=${BASE_PORT:-18100}
 OUT=${OUT:-target/load-bench/profile}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
@@ -56,9 +61,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 KEY_LINE=$(printf %s "$KEY" | "$IMS_PROXY_BIN" hash-key)
+[[ $SWAP == 1 ]] && TOKEN_PATH=/swap/ims/token/v3 || TOKEN_PATH=/ims/token/v3
 sed -e "s|@WORK@|$WORK|g" -e "s|@UP_H1@|$UP_H1|g" -e "s|@UP_H2@|$UP_H2|g" -e "s|@NOFILE@|4096|g" \
     -e "s|@UPSTREAM_WORKERS@|1|g" "$HERE/nginx-upstream.conf.in" >"$WORK/upstream.conf"
-sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|@TOKEN_PATH@|/ims/token/v3|g" \
+sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|@TOKEN_PATH@|$TOKEN_PATH|g" \
     -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|$KEY_LINE|g" -e "s|@PROXY_WORKERS@|2|g" \
     "$HERE/ims-proxy.toml.in" >"$WORK/ims.toml"
 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon off;' 2>>"$WORK/upstream-error.log" &
@@ -90,9 +96,12 @@ VG=$!
 PIDS+=($VG)
 wait_ok "$URL"
 load 500
+tokens() { curl -s -m 5 "http://127.0.0.1:$STUB/count" | tr -cd 0-9; } # {"issued": N}
+issued=$(tokens)
 callgrind_control -z "$VG" >/dev/null # zero: start-up and warm-up are not counted
 load "$REQUESTS"
 callgrind_control -d "$VG" >/dev/null # dump: exactly the measured requests
+issued=$(($(tokens) - issued))
 sleep 1
 stop_proxy "$VG"
 dump=$(ls -t "$WORK"/callgrind.out.* 2>/dev/null | grep -v '\.out$' | head -1 || true)
@@ -101,8 +110,12 @@ cp "$dump" "$OUT/callgrind.out"
 callgrind_annotate --inclusive=yes "$OUT/callgrind.out" >"$OUT/callgrind-inclusive.txt" 2>/dev/null || true
 callgrind_annotate "$OUT/callgrind.out" >"$OUT/callgrind-self.txt" 2>/dev/null || true
 total=$(awk '/^summary:|^totals:/ { gsub(",", "", $2); print $2; exit }' "$OUT/callgrind.out")
-log "callgrind: $total instructions, $((total / REQUESTS)) per request"
-echo "requests $REQUESTS instructions $total per_request $((total / REQUESTS))" >"$OUT/callgrind-summary.txt"
+log "callgrind: $total instructions, $((total / REQUESTS)) per request, $issued tokens issued meanwhile"
+echo "requests $REQUESTS instructions $total per_request $((total / REQUESTS)) tokens_issued $issued" >"$OUT/callgrind-summary.txt"
+if [[ $DHAT != 1 ]]; then
+    log "profile in $OUT (no dhat)"
+    exit 0
+fi
 
 # --- dhat: allocations per request, start-up cancelled by two runs
 for n in "$N1" "$N2"; do
