@@ -36,8 +36,7 @@ type Connector = HttpsConnector<EgressConnector>;
 /// Our own pool rather than hyper-util's: a worker's requests look up their
 /// upstream among a handful by comparing the authority (no hashing), and a
 /// connection goes back to its pool when the response body ends, without a task
-/// spawned to wait for it. Per request that is a third fewer instructions on the
-/// path between the client's connection and the upstream's.
+/// spawned to wait for it (61.9k -> 53.0k instructions per proxied request).
 #[derive(Clone)]
 pub struct UpstreamClient {
     shared: Arc<Shared>,
@@ -96,11 +95,8 @@ struct Connecting {
 
 impl Drop for Connecting {
     fn drop(&mut self) {
-        if let Ok(mut pool) = self.shared.pools[self.worker].lock() {
-            if let Some(h) = pool.hosts.get_mut(self.host) {
-                h.connecting = None;
-            }
-        }
+        self.shared
+            .with_host(self.worker, self.host, |h| h.connecting = None);
         self.notify.notify_waiters();
     }
 }
@@ -151,15 +147,8 @@ impl Drop for Checkin {
         if !tx.is_ready() {
             return;
         }
-        let Ok(mut pool) = shared.pools[worker].lock() else {
-            return;
-        };
-        if let Some(h) = pool.hosts.get_mut(host) {
-            h.idle.push(Idle {
-                tx,
-                since: Instant::now(),
-            });
-        }
+        let since = Instant::now();
+        shared.with_host(worker, host, |h| h.idle.push(Idle { tx, since }));
     }
 }
 
@@ -350,32 +339,27 @@ impl Shared {
             .map_err(UpstreamError::Connect)?;
         self.sweep_from_here(worker);
         let h2 = io.connected().is_negotiated_h2();
+        self.with_host(worker, host, |h| h.speaks_http1 = !h2);
+        if !h2 {
+            let (tx, conn) = http1::handshake(io).await?;
+            drive(conn, "HTTP/1");
+            return Ok(Conn::H1(tx));
+        }
+        let (tx, conn) = self.h2.handshake(io).await?;
+        drive(conn, "HTTP/2");
+        let kept = (tx.clone(), Instant::now());
+        self.with_host(worker, host, |h| h.h2 = Some(kept));
+        Ok(Conn::H2(tx))
+    }
+
+    /// Runs `f` on a worker's upstream entry under the pool's lock (nothing if the
+    /// lock is poisoned: that pool just stops keeping connections).
+    fn with_host(&self, worker: usize, host: usize, f: impl FnOnce(&mut Host)) {
         if let Ok(mut pool) = self.pools[worker].lock() {
             if let Some(h) = pool.hosts.get_mut(host) {
-                h.speaks_http1 = !h2;
+                f(h);
             }
         }
-        if h2 {
-            let (tx, conn) = self.h2.handshake(io).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
-            if let Ok(mut pool) = self.pools[worker].lock() {
-                if let Some(h) = pool.hosts.get_mut(host) {
-                    h.h2 = Some((tx.clone(), Instant::now()));
-                }
-            }
-            return Ok(Conn::H2(tx));
-        }
-        let (tx, conn) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
-            }
-        });
-        Ok(Conn::H1(tx))
     }
 
     /// Starts the worker's idle sweep on first use, on the worker's own runtime.
@@ -421,6 +405,18 @@ impl Shared {
             }
         }
     }
+}
+
+/// Runs an upstream connection's I/O on the worker's runtime until it closes.
+fn drive<C>(conn: C, protocol: &'static str)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, protocol, "upstream connection ended");
+        }
+    });
 }
 
 /// HTTP/2 carries the upstream's scheme and authority in the request (`:scheme`, `:authority`).
