@@ -269,7 +269,8 @@ impl Metrics {
             status,
         );
         SERIES.with_borrow_mut(|cache| {
-            if !cache.contains_key(&key) && cache.len() >= SERIES_CACHE_LIMIT {
+            // The length first: a second lookup only when the cache is full.
+            if cache.len() >= SERIES_CACHE_LIMIT && !cache.contains_key(&key) {
                 cache.clear();
             }
             let entry = cache.entry(key).or_insert_with(|| {
