@@ -219,6 +219,11 @@ impl Proc {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
+    /// Its exit status, if it has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
     /// SIGTERM, then the exit status (bounded).
     fn terminate(&mut self) -> ExitStatus {
         let st = Command::new("kill")
@@ -253,29 +258,16 @@ impl Drop for Proc {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    let [a] = free_addrs();
+    a
 }
 
-/// Waits until `url` answers 200 (bounded).
-async fn wait_for_200(url: &str, what: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let req = http::Request::get(url)
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("request");
-        if let Ok(resp) = support::client().request(req).await {
-            if resp.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} never answered 200:\n{}",
-            what.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// `N` distinct free loopback addresses: all are held at once, so no two are the same port.
+fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr"))
 }
 
 // ---------------------------------------------------------------------------
@@ -656,18 +648,51 @@ fn alert_rules_cover_expiry_readiness_errors_and_latency() {
     assert_eq!(prom["scrape_configs"][0]["job_name"], "ims-proxy");
 }
 
-/// The compose topology without Docker: the simulators and the proxy as
-/// separate processes of the same binary, with config/compose.toml pointed at
-/// 127.0.0.1. Requests work, and every metric the dashboard and the alert
-/// rules use is in the proxy's /metrics.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compose_topology_serves_and_exports_every_metric_the_dashboard_and_alerts_use() {
-    let compose = yaml("docker-compose.yml");
-    let services = &compose["services"];
-    let ims_addr = free_addr();
-    let api_addr = free_addr();
-    let listen = free_addr();
-    let admin = free_addr();
+/// A GET's status and body, `None` when it cannot connect or gets no answer.
+async fn try_get(url: &str) -> Option<(u16, String)> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    // Bounded: a port another process took may accept and never answer.
+    let answer = async {
+        let resp = support::client().request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(2), answer)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The compose topology as three processes on loopback, the proxy ready.
+struct Topology {
+    sim_ims: Proc,
+    sim_api: Proc,
+    proxy: Proc,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the topology, with new ports when another process took one of ours
+/// between our pick and its bind (tests run in parallel).
+async fn start_topology(services: &Value) -> Topology {
+    for _ in 0..3 {
+        match try_start_topology(services).await {
+            Ok(t) => return t,
+            Err(log) if log.contains("in use") => eprintln!("a port was taken, again:\n{log}"),
+            Err(log) => panic!("the compose topology did not start:\n{log}"),
+        }
+    }
+    panic!("the compose topology found its ports taken three times");
+}
+
+/// One start; the log of a process that exited before the proxy was ready.
+async fn try_start_topology(services: &Value) -> Result<Topology, String> {
+    let [ims_addr, api_addr, listen, admin] = free_addrs();
     let ims_port = listen_arg(&services["sim-ims"]).port();
     let api_port = listen_arg(&services["sim-api"]).port();
     let text = read("config/compose.toml")
@@ -685,7 +710,7 @@ async fn compose_topology_serves_and_exports_every_metric_the_dashboard_and_aler
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &text).expect("write config");
 
-    let mut sim_ims = Proc::spawn(
+    let sim_ims = Proc::spawn(
         "sim-ims",
         bin()
             .args(["sim-ims", "--listen", &ims_addr.to_string()])
@@ -694,7 +719,7 @@ async fn compose_topology_serves_and_exports_every_metric_the_dashboard_and_aler
                 &compose_env(&services["sim-ims"])["SIM_IMS_CLIENTS"],
             ),
     );
-    let mut sim_api = Proc::spawn(
+    let sim_api = Proc::spawn(
         "sim-upstream",
         bin().args(["sim-upstream", "--listen", &api_addr.to_string()]),
     );
@@ -705,8 +730,52 @@ async fn compose_topology_serves_and_exports_every_metric_the_dashboard_and_aler
             cmd.env(k, v);
         }
     }
-    let mut proxy = Proc::spawn("ims-proxy run", &mut cmd);
-    wait_for_200(&format!("http://{admin}/readyz"), &proxy).await;
+    let proxy = Proc::spawn("ims-proxy run", &mut cmd);
+    let mut t = Topology {
+        sim_ims,
+        sim_api,
+        proxy,
+        listen,
+        admin,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for p in [&mut t.sim_ims, &mut t.sim_api, &mut t.proxy] {
+            if let Some(st) = p.exited() {
+                return Err(format!("{} exited ({st}):\n{}", p.name, p.log()));
+            }
+        }
+        // The body tells the proxy's readiness from any other server's 200.
+        if let Some((200, body)) = try_get(&format!("http://{admin}/readyz")).await {
+            if serde_json::from_str::<Value>(&body).is_ok_and(|v| v["ready"] == true) {
+                return Ok(t);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never became ready:\n{}",
+            t.proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The compose topology without Docker: the simulators and the proxy as
+/// separate processes of the same binary, with config/compose.toml pointed at
+/// 127.0.0.1. Requests work, and every metric the dashboard and the alert
+/// rules use is in the proxy's /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_topology_serves_and_exports_every_metric_the_dashboard_and_alerts_use() {
+    let compose = yaml("docker-compose.yml");
+    let Topology {
+        mut sim_ims,
+        mut sim_api,
+        mut proxy,
+        listen,
+        admin,
+        _dir,
+    } = start_topology(&compose["services"]).await;
 
     let key = ("x-proxy-key", "compose-demo-key");
     let url = |p: &str| format!("http://{listen}{p}");

@@ -42,11 +42,11 @@ impl Drop for Proc {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// Two distinct free loopback addresses: both are held at once, so they cannot be the same port.
+fn free_addrs() -> (SocketAddr, SocketAddr) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap(), b.local_addr().unwrap())
 }
 
 fn config(
@@ -110,7 +110,7 @@ fn windows(token: &str) -> Vec<&str> {
 async fn no_secret_key_or_token_appears_anywhere_in_a_trace_level_session() {
     let (ims, up) = simulators().await;
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_addr(), free_addr());
+    let (proxy, admin) = free_addrs();
     let audit = dir.path().join("audit.jsonl");
     let setup = Setup {
         server: format!("audit_log = {:?}", audit.display().to_string()),
