@@ -3,7 +3,6 @@
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,8 +11,8 @@ fn respond(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
+) -> Response<Bytes> {
+    let mut r = Response::new(body.into());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -22,7 +21,7 @@ fn respond(
     r
 }
 
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Bytes> {
     respond(
         status,
         "application/json",
@@ -34,7 +33,7 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Bytes>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,

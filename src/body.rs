@@ -1,9 +1,9 @@
 //! Body types: streamed bodies counted as they pass, and guards that live as
 //! long as a response body does (in-flight gauges, concurrency slots).
 
+use crate::h1;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use prometheus::IntCounter;
@@ -14,7 +14,50 @@ use std::task::{Context, Poll};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body streamed from a peer, or one the proxy holds whole (form bodies, refusals).
-pub type AnyBody = Either<Incoming, Full<Bytes>>;
+pub enum AnyBody {
+    /// Streamed through hyper: a client's upload, or an upstream's response on hyper's client.
+    Incoming(Incoming),
+    /// Held whole; the first poll takes it.
+    Held(Option<Bytes>),
+    /// An upstream's HTTP/1.1 response, read by the proxy's own exchange.
+    Upstream(h1::ResponseBody),
+}
+
+impl Body for AnyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            AnyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            AnyBody::Held(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            AnyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AnyBody::Incoming(b) => b.is_end_stream(),
+            AnyBody::Held(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            AnyBody::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AnyBody::Incoming(b) => b.size_hint(),
+            AnyBody::Held(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            AnyBody::Upstream(b) => b.size_hint(),
+        }
+    }
+}
 
 /// What the proxy sends (upstream requests and client responses).
 pub type ProxyBody = Counted<AnyBody>;
@@ -63,14 +106,24 @@ impl<B> Counted<B> {
     }
 }
 
+impl Counted<AnyBody> {
+    /// The whole body, if the proxy holds it (and it has not been polled).
+    pub fn held(&self) -> Option<&Bytes> {
+        match &self.inner {
+            AnyBody::Held(b) => b.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// A body held whole.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Counted::new(Either::Right(Full::new(bytes.into())), None)
+    Counted::new(AnyBody::Held(Some(bytes.into())), None)
 }
 
 /// A streamed body.
 pub fn streamed(body: Incoming, counter: Option<IntCounter>) -> ProxyBody {
-    Counted::new(Either::Left(body), counter)
+    Counted::new(AnyBody::Incoming(body), counter)
 }
 
 impl<B> Body for Counted<B>

@@ -2,7 +2,6 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use std::time::Duration;
 
 /// Why a request was not forwarded (or its forwarding failed).
@@ -108,13 +107,13 @@ impl ProxyError {
     }
 
     /// The JSON refusal `{"error", "message", "request_id"}` with its status and headers.
-    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+    pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
         let body = serde_json::json!({
             "error": self.code(),
             "message": self.to_string(),
             "request_id": request_id,
         });
-        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        let mut resp = Response::new(Bytes::from(body.to_string()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -143,7 +142,6 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     #[tokio::test]
     async fn refusal_is_json_with_code_message_and_request_id() {
@@ -153,7 +151,7 @@ mod tests {
             resp.headers()[header::WWW_AUTHENTICATE],
             "Bearer realm=\"ims-proxy\""
         );
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = resp.into_body();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "unauthorized");
         assert_eq!(v["request_id"], "req-1");

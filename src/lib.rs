@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod error;
+pub mod h1;
 pub mod ims;
 pub mod logging;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! accept → route → admit → rewrite → forward → stream back → record.
 
 use crate::access::{api_key_candidates, Client, Refusal};
-use crate::body::{full, streamed, Counted, ProxyBody};
+use crate::body::{full, streamed, AnyBody, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
 use crate::metrics::{Chargeback, Metrics};
@@ -19,7 +19,7 @@ use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use std::convert::Infallible;
@@ -135,8 +135,7 @@ pub async fn handle(
                 tracing::warn!(request_id = ?ctx.request_id, error = %e, "upstream failure");
             }
             let id = ctx.request_id.to_str().unwrap_or("unknown");
-            e.to_response(id)
-                .map(|b| Counted::new(Either::Right(b), None).with_guard(exchange))
+            e.to_response(id).map(|b| full(b).with_guard(exchange))
         }
     };
     record(&shared, &ctx, resp.status());
@@ -231,7 +230,7 @@ async fn journey(
 type JourneyGuards = (GaugeGuard, Option<Slot>, Checkin);
 
 /// The upstream's response head, and its connection's way back to the pool.
-type Answer = (Response<Incoming>, Checkin);
+type Answer = (Response<AnyBody>, Checkin);
 
 /// Where a request goes once rewritten: the route's upstream, with its credential.
 struct Upstream<'a> {
@@ -619,7 +618,7 @@ fn rewrite_request(
 
 /// The upstream's response, cleaned, streamed to the client.
 fn stream_back(
-    resp: Response<Incoming>,
+    resp: Response<AnyBody>,
     route: &Route,
     cred: &CredentialRuntime,
     chargeback: &Chargeback,
@@ -654,7 +653,7 @@ fn stream_back(
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     Response::from_parts(
         parts,
-        streamed(body, Some(chargeback.response_bytes.clone())),
+        Counted::new(body, Some(chargeback.response_bytes.clone())),
     )
 }
 

@@ -3,7 +3,7 @@
 
 use crate::admin;
 use crate::body::BoxError;
-use crate::body::{Counted, ProxyBody};
+use crate::body::{full, ProxyBody};
 use crate::config::{Config, TlsFiles};
 use crate::conn::{ConnInfo, ExchangeGuard, Watched, H2_PREFACE};
 use crate::metrics::Metrics;
@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -339,9 +338,7 @@ pub async fn start_with_metrics(
             let (sh, exchange) = (sh.clone(), ExchangeGuard::new(&conn));
             async move {
                 let resp = admin::handle(sh, req).await?;
-                Ok::<_, Infallible>(resp.map(|b| -> ProxyBody {
-                    Counted::new(Either::Right(b), None).with_guard(exchange)
-                }))
+                Ok::<_, Infallible>(resp.map(|b| -> ProxyBody { full(b).with_guard(exchange) }))
             }
         },
         shutdown.subscribe(),

@@ -4,12 +4,11 @@
 //! worker thread (see `workers`), so an upstream connection is always driven
 //! on the thread whose requests use it.
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{AnyBody, BoxError, ProxyBody};
 use crate::config::OutboundConfig;
-use crate::workers;
+use crate::{h1, workers};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -63,8 +62,10 @@ struct Pool {
 struct Host {
     scheme: Scheme,
     authority: Authority,
-    /// Idle HTTP/1 connections, the most recently used last (reused first).
+    /// Idle HTTP/1 connections on hyper's client, the most recently used last (reused first).
     idle: Vec<Idle>,
+    /// Idle HTTP/1 connections for our own exchanges (`h1`), likewise.
+    own_idle: Vec<OwnIdle>,
     /// The upstream's HTTP/2 connection, shared by all requests, and when it was last used.
     h2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
     /// Whether the last TLS handshake chose HTTP/1.1 (ALPN); unknown until one did.
@@ -106,10 +107,18 @@ struct Idle {
     since: Instant,
 }
 
+struct OwnIdle {
+    conn: h1::Conn,
+    since: Instant,
+}
+
 /// A connection taken for one request.
 enum Conn {
+    /// hyper's HTTP/1 client: requests with a streamed body.
     H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
+    /// Our own HTTP/1.1 exchange: requests with a body the proxy holds.
+    Own(h1::Conn),
 }
 
 /// Why an upstream request got no response head.
@@ -121,6 +130,9 @@ pub enum UpstreamError {
     /// The exchange failed on an established connection (or its HTTP/2 handshake did).
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// Our own HTTP/1.1 exchange failed on an established connection.
+    #[error(transparent)]
+    Exchange(#[from] h1::ExchangeError),
 }
 
 impl UpstreamError {
@@ -152,6 +164,23 @@ impl Drop for Checkin {
     }
 }
 
+/// Where an own-exchange connection goes back to when its response body ends.
+pub struct Home {
+    shared: Arc<Shared>,
+    worker: usize,
+    host: usize,
+}
+
+impl Home {
+    /// Back to the idle list it came from, the most recent.
+    pub fn put(self, conn: h1::Conn) {
+        let since = Instant::now();
+        self.shared.with_host(self.worker, self.host, |h| {
+            h.own_idle.push(OwnIdle { conn, since })
+        });
+    }
+}
+
 /// How many times one request is tried again after meeting a kept-alive
 /// connection the upstream had just closed.
 const MAX_STALE_RETRIES: usize = 3;
@@ -175,17 +204,19 @@ impl UpstreamClient {
         authority: &Authority,
         mut req: Request<ProxyBody>,
         replay: Option<Replay<'_>>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+    ) -> Result<(Response<AnyBody>, Checkin), UpstreamError> {
         let shared = &self.shared;
         // `build` never makes an empty set; the modulo keeps a stray index in range.
         let worker = workers::current() % shared.pools.len();
+        // A body the proxy holds goes on our own exchange: nothing goes up while the answer comes down.
+        let own = req.body().held().is_some();
         let (mut stale, mut waited) = (0, false);
         loop {
-            let (host, taken) = shared.checkout(worker, scheme, authority, !waited);
+            let (host, taken) = shared.checkout(worker, scheme, authority, !waited, own);
             let (conn, reused) = match taken {
                 Taken::Conn(conn) => (conn, true),
                 Taken::Connect(guard) => {
-                    let conn = shared.connect(worker, host, scheme, authority).await;
+                    let conn = shared.connect(worker, host, scheme, authority, own).await;
                     drop(guard);
                     (conn?, false)
                 }
@@ -197,17 +228,45 @@ impl UpstreamClient {
                 }
             };
             let mut failed = match conn {
+                Conn::Own(conn) => {
+                    let (parts, body) = req.into_parts();
+                    let held = body.held().cloned().unwrap_or_default();
+                    match conn.send(&parts, &held).await {
+                        Ok((head, framing, conn)) => {
+                            let home = Home {
+                                shared: shared.clone(),
+                                worker,
+                                host,
+                            };
+                            let body = h1::ResponseBody::new(conn, framing, Some(home));
+                            let resp = Response::from_parts(head, AnyBody::Upstream(body));
+                            return Ok((resp, Checkin { back: None }));
+                        }
+                        // The same bytes again: only where they may go twice (see `replay`).
+                        Err(h1::ExchangeError::Unanswered(e))
+                            if reused && replay.is_some() && stale < MAX_STALE_RETRIES =>
+                        {
+                            tracing::debug!(error = %e, "kept-alive upstream connection closed under a request; trying another");
+                            stale += 1;
+                            req = Request::from_parts(parts, body);
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Conn::H1(mut tx) => match tx.try_send_request(req).await {
                     Ok(resp) => {
                         let back = Some((shared.clone(), worker, host, tx));
-                        return Ok((resp, Checkin { back }));
+                        return Ok((resp.map(AnyBody::Incoming), Checkin { back }));
                     }
                     Err(e) => e,
                 },
                 Conn::H2(mut tx) => {
                     with_authority(&mut req, scheme, authority);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, Checkin { back: None })),
+                        Ok(resp) => {
+                            return Ok((resp.map(AnyBody::Incoming), Checkin { back: None }))
+                        }
                         Err(e) => e,
                     }
                 }
@@ -247,6 +306,7 @@ impl Shared {
         scheme: &Scheme,
         authority: &Authority,
         may_wait: bool,
+        own: bool,
     ) -> (usize, Taken) {
         let Ok(mut pool) = self.pools[worker].lock() else {
             return (usize::MAX, Taken::Connect(None));
@@ -264,6 +324,7 @@ impl Shared {
                     scheme: scheme.clone(),
                     authority: authority.clone(),
                     idle: Vec::new(),
+                    own_idle: Vec::new(),
                     h2: None,
                     speaks_http1: false,
                     connecting: None,
@@ -285,7 +346,15 @@ impl Shared {
         // The most recent first; ready unless the upstream closed it since. Past the
         // idle limit it is closed even before the sweep gets to it: an operator sets
         // the limit below the upstream's keep-alive so the upstream never closes first.
-        if !host.idle.is_empty() {
+        if own && !host.own_idle.is_empty() {
+            let now = Instant::now();
+            while let Some(mut idle) = host.own_idle.pop() {
+                if now.duration_since(idle.since) < limit && idle.conn.is_open() {
+                    return (index, Taken::Conn(Conn::Own(idle.conn)));
+                }
+            }
+        }
+        if !own && !host.idle.is_empty() {
             let now = Instant::now();
             while let Some(idle) = host.idle.pop() {
                 if idle.tx.is_ready() && now.duration_since(idle.since) < limit {
@@ -317,13 +386,14 @@ impl Shared {
     }
 
     /// A new connection to the upstream: HTTP/2 when TLS's ALPN chose it (then kept
-    /// for every request to that upstream), else HTTP/1.1.
+    /// for every request to that upstream), else HTTP/1.1 (`own`: for our own exchange).
     async fn connect(
         self: &Arc<Self>,
         worker: usize,
         host: usize,
         scheme: &Scheme,
         authority: &Authority,
+        own: bool,
     ) -> Result<Conn, UpstreamError> {
         let dst = Uri::builder()
             .scheme(scheme.clone())
@@ -340,6 +410,9 @@ impl Shared {
         self.sweep_from_here(worker);
         let h2 = io.connected().is_negotiated_h2();
         self.with_host(worker, host, |h| h.speaks_http1 = !h2);
+        if !h2 && own {
+            return Ok(Conn::Own(h1::Conn::new(TokioIo::new(io))));
+        }
         if !h2 {
             let (tx, conn) = http1::handshake(io).await?;
             drive(conn, "HTTP/1");
@@ -397,6 +470,8 @@ impl Shared {
         for h in &mut pool.hosts {
             h.idle
                 .retain(|i| i.tx.is_ready() && i.since.elapsed() < limit);
+            h.own_idle
+                .retain_mut(|i| i.since.elapsed() < limit && i.conn.is_open());
             if h.h2
                 .as_ref()
                 .is_some_and(|(tx, used)| tx.is_closed() || used.elapsed() >= limit)
@@ -602,7 +677,7 @@ mod tests {
         let (resp, checkin) = client
             .request(&Scheme::HTTP, authority, again(), replay)
             .await?;
-        let body = resp.into_body().collect().await?.to_bytes();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
         drop(checkin);
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
@@ -697,7 +772,7 @@ mod tests {
     async fn a_request_that_cannot_be_replayed_is_not_sent_twice() {
         let (second, reconnected) = second_request_after_a_close(false).await;
         match second {
-            Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e}"),
+            Err(UpstreamError::Exchange(h1::ExchangeError::Unanswered(_))) => {}
             other => panic!("expected the closed connection's error, got {other:?}"),
         }
         assert!(!reconnected, "sent twice");

@@ -1,6 +1,7 @@
 //! The upstream connection pool, seen from a raw upstream that numbers its
 //! connections: reuse, upstreams that close kept-alive connections, the idle
-//! limit, and responses abandoned half-way.
+//! limit, responses abandoned half-way, and HTTP/1.1 framing (chunked, interim
+//! responses, doubtful lengths) that must never let one response run into the next.
 
 mod support;
 
@@ -28,7 +29,8 @@ enum Mode {
 }
 
 /// A raw HTTP/1.1 upstream. Each answer says which connection served it
-/// (`conn=N req=M`); `/big` starts a 64 MiB body and sends it slowly.
+/// (`conn=N req=M`); `/big` starts a 64 MiB body and sends it slowly; the
+/// paths of [`framed`] answer with unusual framing.
 struct RawUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -101,14 +103,69 @@ async fn serve(mut s: TcpStream, conn: usize, mode: Mode) {
             return;
         }
         let body = format!("conn={conn} req={req}");
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if s.write_all(answer.as_bytes()).await.is_err() || mode == Mode::CloseAfterOne {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let (answer, close) = framed(path, &body).unwrap_or_else(|| {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            (answer, false)
+        });
+        if s.write_all(answer.as_bytes()).await.is_err() || close || mode == Mode::CloseAfterOne {
             return;
         }
     }
+}
+
+/// The answer for a path with unusual framing, with `body` in it, and whether the
+/// upstream closes the connection after it.
+fn framed(path: &str, body: &str) -> Option<(String, bool)> {
+    let n = body.len();
+    let (left, right) = body.split_at(n / 2);
+    Some(match path.strip_prefix("/x/")? {
+        // Chunks split mid-body, an extension, and a trailer section.
+        "chunked" => (
+            format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x};ext=1\r\n{left}\r\n{:x}\r\n{right}\r\n0\r\nx-checksum: 1\r\n\r\n",
+                left.len(),
+                right.len()
+            ),
+            false,
+        ),
+        // Interim responses come before the final one and are not it.
+        "interim" => (
+            format!("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{body}"),
+            false,
+        ),
+        // Both lengths: chunked wins (RFC 9112 §6.3), and the connection is not trusted again.
+        "both-lengths" => (
+            format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 999\r\n\r\n{n:x}\r\n{body}\r\n0\r\n\r\n"),
+            false,
+        ),
+        // No length: the body ends when the upstream closes.
+        "until-close" => (format!("HTTP/1.1 200 OK\r\n\r\n{body}"), true),
+        // HTTP/1.0 without keep-alive: the proxy must not reuse it, even left open.
+        "http10" => (
+            format!("HTTP/1.0 200 OK\r\ncontent-length: {n}\r\n\r\n{body}"),
+            false,
+        ),
+        // `Connection: close`, the upstream leaving the connection open anyway.
+        "close" => (
+            format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {n}\r\n\r\n{body}"),
+            false,
+        ),
+        // Bytes after the response that nobody asked for: an answer to no request.
+        "extra" => (
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{body}HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"),
+            false,
+        ),
+        "conflicting-lengths" => (
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\ncontent-length: 1\r\n\r\n{body}"),
+            false,
+        ),
+        "garbage" => ("HTTP/1.1 two hundred\r\n\r\n".to_string(), false),
+        _ => return None,
+    })
 }
 
 /// One worker (so one pool) in front of the raw upstream, with extra `[outbound]` lines.
@@ -225,4 +282,64 @@ async fn a_response_abandoned_half_way_never_answers_the_next_request() {
         assert_eq!(r.text(), format!("conn=1 req={i}"));
     }
     assert_eq!(up.accepted(), 2);
+}
+
+// Each unusual framing is read whole, and the connection is kept only where the
+// response's end was certain: a doubtful one never carries the next request.
+#[tokio::test]
+async fn every_framing_is_read_whole_and_a_doubtful_one_never_carries_the_next_request() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "").await;
+    let (mut conn, mut req) = (0, 0);
+    for (path, kept) in [
+        ("chunked", true),
+        ("interim", true),
+        ("both-lengths", false),
+        ("until-close", false),
+        ("http10", false),
+        ("close", false),
+        ("extra", false),
+    ] {
+        let r = get(
+            &h.url(&format!("/workfront/x/{path}")),
+            &[("x-proxy-key", KEY)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.text(), format!("conn={conn} req={req}"), "{path}");
+        if kept {
+            req += 1;
+        } else {
+            (conn, req) = (conn + 1, 0);
+        }
+        // The next plain request shows whether the connection was kept.
+        let r = wf_get(&h).await;
+        assert_eq!(r.text(), format!("conn={conn} req={req}"), "after {path}");
+        req += 1;
+    }
+    // Connections the proxy gave up on are closed by it, not left to the upstream.
+    let deadline = Instant::now() + LIMIT;
+    while up.open() > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.open(), 1, "only the last connection stays open");
+}
+
+#[tokio::test]
+async fn an_invalid_response_is_a_502_and_its_connection_is_dropped() {
+    let up = RawUpstream::start(Mode::KeepAlive).await;
+    let h = proxy_to(&up, "").await;
+    for (i, path) in ["conflicting-lengths", "garbage"].into_iter().enumerate() {
+        let r = get(
+            &h.url(&format!("/workfront/x/{path}")),
+            &[("x-proxy-key", KEY)],
+        )
+        .await;
+        r.assert_refusal(502, "upstream_unreachable");
+        assert_eq!(
+            wf_get(&h).await.text(),
+            format!("conn={} req=0", i + 1),
+            "after {path}"
+        );
+    }
 }
