@@ -11,7 +11,7 @@ use crate::route::Route;
 use crate::slots::{Slot, TimedOut};
 use crate::state::{CredentialRuntime, Shared, Snapshot};
 use crate::token::Token;
-use crate::upstream::{Checkin, Replay, UpstreamError};
+use crate::upstream::{Answer, Checkin, Outgoing, UpstreamError};
 use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -208,14 +208,10 @@ async fn journey(
                 )
                 .await?
         }
-        Held::Empty => {
-            upstream
-                .send_replayable(ctx, parts, Bytes::new(), &token)
-                .await?
-        }
+        Held::Empty => upstream.send_held(ctx, parts, Bytes::new(), &token).await?,
         Held::Form(bytes) => {
             counter.inc_by(bytes.len() as u64);
-            upstream.send_replayable(ctx, parts, bytes, &token).await?
+            upstream.send_held(ctx, parts, bytes, &token).await?
         }
     };
     Ok((
@@ -229,9 +225,6 @@ async fn journey(
 /// connection's way back to its pool.
 type JourneyGuards = (GaugeGuard, Option<Slot>, Checkin);
 
-/// The upstream's response head, and its connection's way back to the pool.
-type Answer = (Response<AnyBody>, Checkin);
-
 /// Where a request goes once rewritten: the route's upstream, with its credential.
 struct Upstream<'a> {
     snap: &'a Snapshot,
@@ -242,30 +235,21 @@ struct Upstream<'a> {
 
 impl Upstream<'_> {
     /// A body the proxy holds: on an upstream 401, sent once more with a fresh token.
-    async fn send_replayable(
+    async fn send_held(
         &self,
         ctx: &mut RequestCtx,
-        parts: Parts,
+        mut parts: Parts,
         body: Bytes,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
-        let (method, uri, headers) = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        );
-        let again = || {
-            let mut r = Request::new(full(body.clone()));
-            *r.method_mut() = method.clone();
-            *r.uri_mut() = uri.clone();
-            *r.headers_mut() = headers.clone();
-            r
-        };
-        // Only an idempotent request may go twice after a connection closed under it.
-        let idempotent = method.is_idempotent();
-        let replay: Option<Replay<'_>> = idempotent.then_some(&again);
         let answer = self
-            .send(ctx, Request::from_parts(parts, full(body.clone())), replay)
+            .send(
+                ctx,
+                Outgoing::Held {
+                    parts: &parts,
+                    body: &body,
+                },
+            )
             .await?;
         if answer.0.status() != StatusCode::UNAUTHORIZED {
             return Ok(answer);
@@ -275,15 +259,18 @@ impl Upstream<'_> {
         };
         drop(answer);
         tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
-        let with_fresh = || {
-            let mut r = again();
-            r.headers_mut()
-                .insert(header::AUTHORIZATION, fresh.header.clone());
-            r
-        };
+        parts
+            .headers
+            .insert(header::AUTHORIZATION, fresh.header.clone());
         ctx.token_fingerprint = Some(fresh.fingerprint.clone());
-        let replay: Option<Replay<'_>> = idempotent.then_some(&with_fresh);
-        self.send(ctx, with_fresh(), replay).await
+        self.send(
+            ctx,
+            Outgoing::Held {
+                parts: &parts,
+                body: &body,
+            },
+        )
+        .await
     }
 
     /// A streamed body cannot be sent twice: a 401 is passed on, and the token renewed for the next requests.
@@ -295,7 +282,7 @@ impl Upstream<'_> {
         token: Arc<Token>,
     ) -> Result<Answer, ProxyError> {
         let answer = self
-            .send(ctx, Request::from_parts(parts, body), None)
+            .send(ctx, Outgoing::Streamed(Request::from_parts(parts, body)))
             .await?;
         if answer.0.status() == StatusCode::UNAUTHORIZED {
             let manager = self.cred.manager.clone();
@@ -307,19 +294,14 @@ impl Upstream<'_> {
     }
 
     /// Sends the request and waits for the response head (bounded by `upstream_timeout`).
-    async fn send(
-        &self,
-        ctx: &mut RequestCtx,
-        req: Request<ProxyBody>,
-        replay: Option<Replay<'_>>,
-    ) -> Result<Answer, ProxyError> {
+    async fn send(&self, ctx: &mut RequestCtx, req: Outgoing<'_>) -> Result<Answer, ProxyError> {
         let started = Instant::now();
         let c = &self.route.config;
         let timeout = c.upstream_timeout;
-        let sent =
-            self.snap
-                .upstream
-                .request(&c.upstream_scheme, &c.upstream_authority, req, replay);
+        let sent = self
+            .snap
+            .upstream
+            .request(&c.upstream_scheme, &c.upstream_authority, req);
         let result = tokio::time::timeout(timeout, sent).await;
         let elapsed = started.elapsed();
         ctx.upstream_time = Some(elapsed);

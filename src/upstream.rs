@@ -4,11 +4,13 @@
 //! worker thread (see `workers`), so an upstream connection is always driven
 //! on the thread whose requests use it.
 
-use crate::body::{AnyBody, BoxError, ProxyBody};
+use crate::body::{full, AnyBody, BoxError, ProxyBody};
 use crate::config::OutboundConfig;
 use crate::{h1, workers};
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::{request, Request, Response, Uri};
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -114,11 +116,18 @@ struct OwnIdle {
 
 /// A connection taken for one request.
 enum Conn {
-    /// hyper's HTTP/1 client: requests with a streamed body.
-    H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    /// Through hyper's client.
+    Hyper(HyperConn),
     /// Our own HTTP/1.1 exchange: requests with a body the proxy holds.
     Own(h1::Conn),
+}
+
+/// A connection hyper's client drives.
+enum HyperConn {
+    /// HTTP/1: requests with a streamed body.
+    H1(http1::SendRequest<ProxyBody>),
+    /// HTTP/2: every request to an upstream that chose it.
+    H2(http2::SendRequest<ProxyBody>),
 }
 
 /// Why an upstream request got no response head.
@@ -185,107 +194,192 @@ impl Home {
 /// connection the upstream had just closed.
 const MAX_STALE_RETRIES: usize = 3;
 
-/// Builds the same request again, for a retry; given only for requests that
-/// may be sent twice (idempotent method, body held whole).
-pub type Replay<'a> = &'a (dyn Fn() -> Request<ProxyBody> + Sync);
+/// What goes upstream: a request head (origin-form target) and its body.
+// Moved once, into the request's future: boxing the large variant would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Outgoing<'a> {
+    /// A body the proxy holds whole (none, or a scrubbed form): borrowed, so the
+    /// caller can send the same request again (a fresh token after a 401).
+    Held {
+        parts: &'a request::Parts,
+        body: &'a Bytes,
+    },
+    /// A streamed body: it can go only once.
+    Streamed(Request<ProxyBody>),
+}
+
+/// The response head with its body, and the connection's way back to the pool.
+pub type Answer = (Response<AnyBody>, Checkin);
 
 impl UpstreamClient {
-    /// Sends `req` (an origin-form target) to `scheme://authority` on the calling
-    /// worker's own pool, and returns the response head with the connection's way back.
+    /// Sends a request to `scheme://authority` on the calling worker's own pool,
+    /// and returns the response head with the connection's way back.
     ///
     /// An upstream may close a kept-alive connection just as it is reused (the
     /// keep-alive race). A request it never saw is sent again on another connection;
-    /// one it may have seen is sent again only if `replay` can rebuild it, as
-    /// RFC 9110 §9.2.2 allows for idempotent requests. A fresh connection's failure
-    /// is the upstream's answer and is not retried.
+    /// one it may have seen is sent again only if it is held and idempotent, as
+    /// RFC 9110 §9.2.2 allows. A fresh connection's failure is the upstream's
+    /// answer and is not retried.
     pub async fn request(
         &self,
         scheme: &Scheme,
         authority: &Authority,
-        mut req: Request<ProxyBody>,
-        replay: Option<Replay<'_>>,
-    ) -> Result<(Response<AnyBody>, Checkin), UpstreamError> {
-        let shared = &self.shared;
+        out: Outgoing<'_>,
+    ) -> Result<Answer, UpstreamError> {
         // `build` never makes an empty set; the modulo keeps a stray index in range.
-        let worker = workers::current() % shared.pools.len();
-        // A body the proxy holds goes on our own exchange: nothing goes up while the answer comes down.
-        let own = req.body().held().is_some();
-        let (mut stale, mut waited) = (0, false);
+        let worker = workers::current() % self.shared.pools.len();
+        match out {
+            Outgoing::Held { parts, body } => {
+                self.send_held(worker, scheme, authority, parts, body).await
+            }
+            Outgoing::Streamed(req) => self.send_streamed(worker, scheme, authority, req).await,
+        }
+    }
+
+    /// A held request: on our own HTTP/1.1 exchange, nothing goes up while the
+    /// answer comes down; on HTTP/2, through hyper.
+    async fn send_held(
+        &self,
+        worker: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+        parts: &request::Parts,
+        body: &Bytes,
+    ) -> Result<Answer, UpstreamError> {
+        let may_resend = parts.method.is_idempotent();
+        let mut stale = 0;
+        loop {
+            let (host, conn, reused) = self.take(worker, scheme, authority, true).await?;
+            let again = reused && stale < MAX_STALE_RETRIES;
+            let resend = match conn {
+                Conn::Own(conn) => match conn.send(parts, body).await {
+                    Ok((head, framing, conn)) => {
+                        let home = Home {
+                            shared: self.shared.clone(),
+                            worker,
+                            host,
+                        };
+                        let body = h1::ResponseBody::new(conn, framing, Some(home));
+                        let resp = Response::from_parts(head, AnyBody::Upstream(body));
+                        return Ok((resp, Checkin { back: None }));
+                    }
+                    Err(h1::ExchangeError::Unanswered(e)) if again && may_resend => {
+                        tracing::debug!(error = %e, "kept-alive upstream connection closed under a request; trying another");
+                        true
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                Conn::Hyper(hyper_conn) => {
+                    let req = Request::from_parts(parts.clone(), full(body.clone()));
+                    match self
+                        .send_on(hyper_conn, worker, host, scheme, authority, req)
+                        .await
+                    {
+                        Ok(answer) => return Ok(answer),
+                        Err(mut failed) => {
+                            let unsent = failed.take_message().is_some();
+                            let maybe_seen = failed.error().is_incomplete_message();
+                            if !(again && (unsent || (may_resend && maybe_seen))) {
+                                return Err(failed.into_error().into());
+                            }
+                            tracing::debug!(error = %failed.error(), "kept-alive upstream connection closed under a request; trying another");
+                            true
+                        }
+                    }
+                }
+            };
+            stale += usize::from(resend);
+        }
+    }
+
+    /// A streamed request, through hyper's client (which moves both directions at
+    /// once); sent again only if the upstream certainly never saw it.
+    async fn send_streamed(
+        &self,
+        worker: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Answer, UpstreamError> {
+        let mut stale = 0;
+        loop {
+            let (host, conn, reused) = self.take(worker, scheme, authority, false).await?;
+            let Conn::Hyper(conn) = conn else {
+                // `checkout` gives own-exchange connections to held requests only.
+                return Err(UpstreamError::Connect(
+                    "no connection for a streamed body".into(),
+                ));
+            };
+            let mut failed = match self
+                .send_on(conn, worker, host, scheme, authority, req)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(failed) => failed,
+            };
+            match failed.take_message() {
+                // Never written: the connection was found closed before the request went out.
+                Some(unsent) if reused && stale < MAX_STALE_RETRIES => {
+                    tracing::debug!(error = %failed.error(), "kept-alive upstream connection closed under a request; trying another");
+                    stale += 1;
+                    req = unsent;
+                    origin_form(&mut req);
+                }
+                _ => return Err(failed.into_error().into()),
+            }
+        }
+    }
+
+    /// A connection for one request: kept, or newly opened (after waiting for a
+    /// connect in progress that may bring a shared HTTP/2 one), and whether it was kept.
+    async fn take(
+        &self,
+        worker: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+        own: bool,
+    ) -> Result<(usize, Conn, bool), UpstreamError> {
+        let shared = &self.shared;
+        let mut waited = false;
         loop {
             let (host, taken) = shared.checkout(worker, scheme, authority, !waited, own);
-            let (conn, reused) = match taken {
-                Taken::Conn(conn) => (conn, true),
+            match taken {
+                Taken::Conn(conn) => return Ok((host, conn, true)),
                 Taken::Connect(guard) => {
                     let conn = shared.connect(worker, host, scheme, authority, own).await;
                     drop(guard);
-                    (conn?, false)
+                    return Ok((host, conn?, false));
                 }
                 Taken::Wait(done) => {
                     // Once: if that connect failed, each request tries its own, in parallel.
                     done.await;
                     waited = true;
-                    continue;
                 }
-            };
-            let mut failed = match conn {
-                Conn::Own(conn) => {
-                    let (parts, body) = req.into_parts();
-                    let held = body.held().cloned().unwrap_or_default();
-                    match conn.send(&parts, &held).await {
-                        Ok((head, framing, conn)) => {
-                            let home = Home {
-                                shared: shared.clone(),
-                                worker,
-                                host,
-                            };
-                            let body = h1::ResponseBody::new(conn, framing, Some(home));
-                            let resp = Response::from_parts(head, AnyBody::Upstream(body));
-                            return Ok((resp, Checkin { back: None }));
-                        }
-                        // The same bytes again: only where they may go twice (see `replay`).
-                        Err(h1::ExchangeError::Unanswered(e))
-                            if reused && replay.is_some() && stale < MAX_STALE_RETRIES =>
-                        {
-                            tracing::debug!(error = %e, "kept-alive upstream connection closed under a request; trying another");
-                            stale += 1;
-                            req = Request::from_parts(parts, body);
-                            continue;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Conn::H1(mut tx) => match tx.try_send_request(req).await {
-                    Ok(resp) => {
-                        let back = Some((shared.clone(), worker, host, tx));
-                        return Ok((resp.map(AnyBody::Incoming), Checkin { back }));
-                    }
-                    Err(e) => e,
-                },
-                Conn::H2(mut tx) => {
-                    with_authority(&mut req, scheme, authority);
-                    match tx.try_send_request(req).await {
-                        Ok(resp) => {
-                            return Ok((resp.map(AnyBody::Incoming), Checkin { back: None }))
-                        }
-                        Err(e) => e,
-                    }
-                }
-            };
-            let again = match failed.take_message() {
-                // Never written: the connection was found closed before the request went out.
-                Some(unsent) => Some(unsent),
-                // Written, then the connection closed without an answer.
-                None if failed.error().is_incomplete_message() => replay.map(|r| r()),
-                None => None,
-            };
-            match again {
-                Some(r) if reused && stale < MAX_STALE_RETRIES => {
-                    tracing::debug!(error = %failed.error(), "kept-alive upstream connection closed under a request; trying another");
-                    stale += 1;
-                    req = r;
-                    origin_form(&mut req);
-                }
-                _ => return Err(failed.into_error().into()),
+            }
+        }
+    }
+
+    /// Sends `req` through hyper on `conn`; the request comes back in the error when
+    /// it never went out.
+    async fn send_on(
+        &self,
+        conn: HyperConn,
+        worker: usize,
+        host: usize,
+        scheme: &Scheme,
+        authority: &Authority,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Answer, TrySendError<Request<ProxyBody>>> {
+        match conn {
+            HyperConn::H1(mut tx) => {
+                let resp = tx.try_send_request(req).await?;
+                let back = Some((self.shared.clone(), worker, host, tx));
+                Ok((resp.map(AnyBody::Incoming), Checkin { back }))
+            }
+            HyperConn::H2(mut tx) => {
+                with_authority(&mut req, scheme, authority);
+                let resp = tx.try_send_request(req).await?;
+                Ok((resp.map(AnyBody::Incoming), Checkin { back: None }))
             }
         }
     }
@@ -339,7 +433,7 @@ impl Shared {
             // Past the idle limit it is closed like an HTTP/1 one, not used once more.
             if !tx.is_closed() && now.duration_since(*used) < limit {
                 *used = now;
-                return (index, Taken::Conn(Conn::H2(tx.clone())));
+                return (index, Taken::Conn(Conn::Hyper(HyperConn::H2(tx.clone()))));
             }
             host.h2 = None;
         }
@@ -358,7 +452,7 @@ impl Shared {
             let now = Instant::now();
             while let Some(idle) = host.idle.pop() {
                 if idle.tx.is_ready() && now.duration_since(idle.since) < limit {
-                    return (index, Taken::Conn(Conn::H1(idle.tx)));
+                    return (index, Taken::Conn(Conn::Hyper(HyperConn::H1(idle.tx))));
                 }
             }
         }
@@ -416,13 +510,13 @@ impl Shared {
         if !h2 {
             let (tx, conn) = http1::handshake(io).await?;
             drive(conn, "HTTP/1");
-            return Ok(Conn::H1(tx));
+            return Ok(Conn::Hyper(HyperConn::H1(tx)));
         }
         let (tx, conn) = self.h2.handshake(io).await?;
         drive(conn, "HTTP/2");
         let kept = (tx.clone(), Instant::now());
         self.with_host(worker, host, |h| h.h2 = Some(kept));
-        Ok(Conn::H2(tx))
+        Ok(Conn::Hyper(HyperConn::H2(tx)))
     }
 
     /// Runs `f` on a worker's upstream entry under the pool's lock (nothing if the
@@ -641,7 +735,6 @@ pub fn build(outbound: &OutboundConfig, workers: usize) -> Result<UpstreamClient
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::full;
     use http_body_util::BodyExt;
     use std::io::{Read, Write};
     use std::sync::mpsc;
@@ -666,17 +759,25 @@ mod tests {
         s.write_all(reply.as_bytes()).expect("upstream writes");
     }
 
-    /// A GET through `client`, which may be replayed if `replayable`.
+    /// A held request through `client`: a GET (idempotent, may go twice) if
+    /// `replayable`, else a POST.
     async fn get(
         client: &UpstreamClient,
         authority: &Authority,
         replayable: bool,
     ) -> Result<String, UpstreamError> {
-        let again = || Request::get("/x").body(full("")).expect("request");
-        let replay: Option<Replay<'_>> = replayable.then_some(&again);
-        let (resp, checkin) = client
-            .request(&Scheme::HTTP, authority, again(), replay)
-            .await?;
+        let method = if replayable { "GET" } else { "POST" };
+        let (parts, ()) = Request::builder()
+            .method(method)
+            .uri("/x")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let out = Outgoing::Held {
+            parts: &parts,
+            body: &Bytes::new(),
+        };
+        let (resp, checkin) = client.request(&Scheme::HTTP, authority, out).await?;
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         drop(checkin);
         Ok(String::from_utf8_lossy(&body).into_owned())
