@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -40,8 +41,11 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MIN_READ: usize = 8 * 1024;
 /// Largest read size: large downloads move in few, large frames.
 const MAX_READ: usize = 256 * 1024;
-/// A held body up to this size goes out in the same write as the head.
-const COALESCE: usize = 16 * 1024;
+/// Largest held body sent on this exchange, in the same write as the head: small
+/// enough that the socket takes it at once, so the request is never stuck going
+/// up while an early answer (a 413, a 401) waits to come down. Larger forms go
+/// through hyper's client, which reads and writes at the same time.
+pub const MAX_BODY: usize = 16 * 1024;
 
 /// An HTTP/1.1 connection to an upstream, between exchanges.
 pub struct Conn {
@@ -85,37 +89,35 @@ impl Conn {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut probe);
+        let mut byte = [0u8; 1];
+        let mut byte = ReadBuf::new(&mut byte);
+        let io = &mut *self.io;
+        // Unconstrained: a task out of tokio's cooperative budget would see Pending,
+        // and a closed connection would look open.
+        let mut probe = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Pin::new(&mut *io).poll_read(cx, &mut byte)
+        }));
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        Pin::new(&mut *self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        Pin::new(&mut probe).poll(&mut cx).is_pending()
     }
 
-    /// Sends the request (`body` held whole) and reads the response head; the
-    /// body then comes from [`ResponseBody`], which owns the connection.
+    /// Sends the request (`body` held whole, at most [`MAX_BODY`]) and reads the
+    /// response head; the body then comes from [`ResponseBody`], which owns the connection.
     pub async fn send(
         mut self,
         req: &request::Parts,
         body: &Bytes,
     ) -> Result<(http::response::Parts, Framing, Conn), ExchangeError> {
         encode_head(req, body.len(), &mut self.out);
-        let coalesce = body.len() <= COALESCE;
-        if coalesce {
-            self.out.extend_from_slice(body);
-        }
+        self.out.extend_from_slice(body);
         let written = async {
             self.io.write_all(&self.out).await?;
-            if !coalesce {
-                self.io.write_all(body).await?;
-            }
             self.io.flush().await
         };
         written.await.map_err(ExchangeError::Unanswered)?;
         self.out.clear();
         if self.out.capacity() > MIN_READ {
-            // A large form went out: an idle connection keeps no more than a head's worth.
+            // A form went out: an idle connection keeps no more than a head's worth.
             self.out = Vec::new();
         }
         let mut parts = self.read_head().await?;
@@ -165,10 +167,12 @@ impl Conn {
     /// Ready to wait in a pool: after a large body, the next response starts small
     /// again, and an idle connection holds no large buffer.
     fn idle(mut self) -> Conn {
-        self.read_size = MIN_READ;
-        if self.buf.capacity() > 2 * MIN_READ {
+        // After large reads the empty buffer is the tail of a large block, which
+        // stays allocated as long as the buffer does, however little it can still take.
+        if self.read_size > MIN_READ || self.buf.capacity() > 2 * MIN_READ {
             self.buf = BytesMut::new();
         }
+        self.read_size = MIN_READ;
         self
     }
 
@@ -518,12 +522,45 @@ fn take_data(buf: &mut BytesMut, rest: &mut u64) -> Step {
     Step::Frame(Frame::data(buf.split_to(n).freeze()))
 }
 
+/// A complete chunk-size line at the start of `buf` (RFC 9112 §7.1): its length
+/// and the size, `None` if incomplete. Stricter than httparse's: at least one hex
+/// digit, extensions after `;` only, and no bare CR or LF anywhere, so the proxy
+/// and any relay behind it cannot read the same bytes as different chunks.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    let Some(lf) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+        if buf.len() >= MAX_CHUNK_LINE {
+            return Err("chunk size line too long");
+        }
+        return Ok(None);
+    };
+    let line = match buf[..lf].strip_suffix(b"\r") {
+        Some(line) if !line.contains(&b'\r') => line,
+        _ => return Err("malformed chunk size"),
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    // Sixteen hex digits fill a u64: more would overflow.
+    if digits == 0 || digits > 16 {
+        return Err("malformed chunk size");
+    }
+    let size = line[..digits].iter().fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16).unwrap_or(0);
+        (n << 4) | u64::from(v)
+    });
+    let ext = line[digits..].trim_ascii_start();
+    if !(ext.is_empty() || ext.starts_with(b";"))
+        || ext.iter().any(|&b| b.is_ascii_control() && b != b'\t')
+    {
+        return Err("malformed chunk size");
+    }
+    Ok(Some((lf + 1, size)))
+}
+
 /// One step of chunked decoding (RFC 9112 §7.1): a data frame, the trailers, the end, or a need for more bytes.
 fn decode_chunked(buf: &mut BytesMut, chunk: &mut Chunk) -> Result<Step, &'static str> {
     loop {
         match chunk {
-            Chunk::Size => match httparse::parse_chunk_size(buf) {
-                Ok(httparse::Status::Complete((used, size))) => {
+            Chunk::Size => match chunk_size_line(buf)? {
+                Some((used, size)) => {
                     buf.advance(used);
                     *chunk = if size == 0 {
                         Chunk::Trailers
@@ -531,11 +568,7 @@ fn decode_chunked(buf: &mut BytesMut, chunk: &mut Chunk) -> Result<Step, &'stati
                         Chunk::Data(size)
                     };
                 }
-                Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
-                    return Err("chunk size line too long")
-                }
-                Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
-                Err(_) => return Err("malformed chunk size"),
+                None => return Ok(Step::NeedMore),
             },
             Chunk::Data(rest) => {
                 let step = take_data(buf, rest);
@@ -953,5 +986,35 @@ mod tests {
             Err("malformed chunk size")
         );
         assert_eq!(decode_in_steps(b"3\r\nab", 64), Err("incomplete"));
+        // What httparse would let through: an empty size, bare line ends, an overflow.
+        for line in [
+            &b"\r\n"[..],
+            b";x\r\n",
+            b"5;a\nb\r\n",
+            b"5\n",
+            b"5\rx\r\n",
+            b"5 x\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            assert_eq!(
+                chunk_size_line(line),
+                Err("malformed chunk size"),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(
+            chunk_size_line(b"ffffffffffffffff\r\n"),
+            Ok(Some((18, u64::MAX)))
+        );
+        assert_eq!(
+            chunk_size_line(b"1f ; name=\"v\"\r\nrest"),
+            Ok(Some((15, 31)))
+        );
+        assert_eq!(chunk_size_line(b"1f ; name"), Ok(None));
+        assert_eq!(
+            chunk_size_line(&[b'1'; MAX_CHUNK_LINE]),
+            Err("chunk size line too long")
+        );
     }
 }

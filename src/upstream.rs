@@ -232,7 +232,11 @@ impl UpstreamClient {
             Outgoing::Held { parts, body } => {
                 self.send_held(worker, scheme, authority, parts, body).await
             }
-            Outgoing::Streamed(req) => self.send_streamed(worker, scheme, authority, req).await,
+            // Boxed: hyper's HTTP/1 send is twice the size of the held path's, and
+            // every request's future would otherwise carry it.
+            Outgoing::Streamed(req) => {
+                Box::pin(self.send_streamed(worker, scheme, authority, req)).await
+            }
         }
     }
 
@@ -247,9 +251,10 @@ impl UpstreamClient {
         body: &Bytes,
     ) -> Result<Answer, UpstreamError> {
         let may_resend = parts.method.is_idempotent();
+        let own = body.len() <= h1::MAX_BODY;
         let mut stale = 0;
         loop {
-            let (host, conn, reused) = self.take(worker, scheme, authority, true).await?;
+            let (host, conn, reused) = self.take(worker, scheme, authority, own).await?;
             let again = reused && stale < MAX_STALE_RETRIES;
             let resend = match conn {
                 Conn::Own(conn) => match conn.send(parts, body).await {
@@ -346,7 +351,9 @@ impl UpstreamClient {
             match taken {
                 Taken::Conn(conn) => return Ok((host, conn, true)),
                 Taken::Connect(guard) => {
-                    let conn = shared.connect(worker, host, scheme, authority, own).await;
+                    // Boxed: a connect's state (TLS, tunnel, handshakes) is 6 KiB, and
+                    // every request's future would otherwise carry and copy it.
+                    let conn = Box::pin(shared.connect(worker, host, scheme, authority, own)).await;
                     drop(guard);
                     return Ok((host, conn?, false));
                 }

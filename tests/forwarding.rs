@@ -402,3 +402,32 @@ async fn upstream_429_without_respect_retry_after_holds_nothing_back() {
         200
     );
 }
+
+// Held forms up to 16 KiB go on the proxy's own HTTP/1.1 exchange, larger ones
+// through hyper's client: both arrive whole, scrubbed, with their length stated.
+#[tokio::test]
+async fn forms_on_both_sides_of_the_own_exchange_limit_arrive_whole_and_scrubbed() {
+    let h = Harness::start().await;
+    for size in [
+        ims_proxy::h1::MAX_BODY - 64,
+        ims_proxy::h1::MAX_BODY + 1,
+        200_000,
+    ] {
+        let name = "x".repeat(size);
+        let body = format!("name={name}&apiKey={KEY}&status=CUR");
+        let r = post(
+            &h.url("/workfront/attask/api/v19.0/proj"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{size}: {}", r.text());
+        let seen = h.up().last().unwrap();
+        let expected = format!("name={name}&status=CUR");
+        assert!(
+            seen.body == expected.as_bytes(),
+            "{size}: the form arrived changed"
+        );
+        assert_eq!(seen.headers["content-length"], expected.len().to_string());
+    }
+}
