@@ -197,21 +197,23 @@ async fn journey(
         route: &route,
         cred: &cred,
     };
+    // One await point per path: each awaited future takes room in this one, which
+    // is copied whole when created.
     let (resp, checkin) = match held {
         Held::Stream(body) => {
-            upstream
-                .send_streamed(
-                    ctx,
-                    parts,
-                    streamed(body, Some(counter)).without_trailers(),
-                    token,
-                )
-                .await?
+            let body = streamed(body, Some(counter)).without_trailers();
+            // Boxed: every request's future would otherwise carry the rarer path's state.
+            Box::pin(upstream.send_streamed(ctx, parts, body, token)).await?
         }
-        Held::Empty => upstream.send_held(ctx, parts, Bytes::new(), &token).await?,
-        Held::Form(bytes) => {
-            counter.inc_by(bytes.len() as u64);
-            upstream.send_held(ctx, parts, bytes, &token).await?
+        held => {
+            let body = match held {
+                Held::Form(bytes) => {
+                    counter.inc_by(bytes.len() as u64);
+                    bytes
+                }
+                _ => Bytes::new(),
+            };
+            upstream.send_held(ctx, parts, body, &token).await?
         }
     };
     Ok((
@@ -242,35 +244,30 @@ impl Upstream<'_> {
         body: Bytes,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
-        let answer = self
-            .send(
-                ctx,
-                Outgoing::Held {
-                    parts: &parts,
-                    body: &body,
-                },
-            )
-            .await?;
-        if answer.0.status() != StatusCode::UNAUTHORIZED {
-            return Ok(answer);
-        }
-        let Some(fresh) = self.cred.manager.refresh_after_rejection(token).await else {
-            return Ok(answer);
-        };
-        drop(answer);
-        tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
-        parts
-            .headers
-            .insert(header::AUTHORIZATION, fresh.header.clone());
-        ctx.token_fingerprint = Some(fresh.fingerprint.clone());
-        self.send(
-            ctx,
-            Outgoing::Held {
+        let mut renewed = false;
+        // A loop, so that one `send` future serves both tries.
+        loop {
+            let out = Outgoing::Held {
                 parts: &parts,
                 body: &body,
-            },
-        )
-        .await
+            };
+            let answer = self.send(ctx, out).await?;
+            if renewed || answer.0.status() != StatusCode::UNAUTHORIZED {
+                return Ok(answer);
+            }
+            // Boxed: a refresh's state is large, and only a 401 needs it.
+            let refreshed = Box::pin(self.cred.manager.refresh_after_rejection(token)).await;
+            let Some(fresh) = refreshed else {
+                return Ok(answer);
+            };
+            drop(answer);
+            tracing::info!(request_id = ?ctx.request_id, "upstream 401: replaying with a fresh token");
+            parts
+                .headers
+                .insert(header::AUTHORIZATION, fresh.header.clone());
+            ctx.token_fingerprint = Some(fresh.fingerprint.clone());
+            renewed = true;
+        }
     }
 
     /// A streamed body cannot be sent twice: a 401 is passed on, and the token renewed for the next requests.
