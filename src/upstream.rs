@@ -256,7 +256,8 @@ impl UpstreamClient {
         loop {
             let (host, conn, reused) = self.take(worker, scheme, authority, own).await?;
             let again = reused && stale < MAX_STALE_RETRIES;
-            let resend = match conn {
+            // Every arm returns but the keep-alive race's: the loop sends again.
+            match conn {
                 Conn::Own(conn) => match conn.send(parts, body).await {
                     Ok((head, framing, conn)) => {
                         let home = Home {
@@ -270,7 +271,6 @@ impl UpstreamClient {
                     }
                     Err(h1::ExchangeError::Unanswered(e)) if again && may_resend => {
                         tracing::debug!(error = %e, "kept-alive upstream connection closed under a request; trying another");
-                        true
                     }
                     Err(e) => return Err(e.into()),
                 },
@@ -288,12 +288,11 @@ impl UpstreamClient {
                                 return Err(failed.into_error().into());
                             }
                             tracing::debug!(error = %failed.error(), "kept-alive upstream connection closed under a request; trying another");
-                            true
                         }
                     }
                 }
-            };
-            stale += usize::from(resend);
+            }
+            stale += 1;
         }
     }
 
