@@ -299,6 +299,7 @@ impl Framing {
         let (mut close, mut keep_alive_asked) = (false, false);
         let mut last_coding: Option<&HeaderValue> = None;
         let mut length: Result<Option<u64>, &'static str> = Ok(None);
+        let mut stated_length = false;
         // One pass over the fields, comparing names: no hash lookups.
         for (name, value) in &parts.headers {
             if name == CONNECTION {
@@ -310,6 +311,7 @@ impl Framing {
             } else if name == TRANSFER_ENCODING {
                 last_coding = Some(value);
             } else if name == CONTENT_LENGTH {
+                stated_length = true;
                 length = length.and_then(|seen| add_length(seen, value));
             }
         }
@@ -329,8 +331,7 @@ impl Framing {
                 .next()
                 .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             // With a Content-Length too, or in HTTP/1.0, it may be a smuggling attempt: no reuse.
-            let clean =
-                !parts.headers.contains_key(CONTENT_LENGTH) && parts.version == Version::HTTP_11;
+            let clean = !stated_length && parts.version == Version::HTTP_11;
             return Ok(if chunked_last {
                 Framing {
                     body: State::Chunked(Chunk::Size),
