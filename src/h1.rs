@@ -25,7 +25,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Any byte stream an upstream connection runs on (TCP, TLS, a tunnel).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -55,6 +56,10 @@ pub struct Conn {
     /// The request head being written; kept for its capacity.
     out: Vec<u8>,
     read_size: usize,
+    /// The deadline of the exchange in flight, kept from one exchange to the next:
+    /// moving a registered timer later is one atomic write, where a new timer per
+    /// request takes the timer wheel's lock twice (register, cancel).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// Why an exchange got no usable response head.
@@ -70,6 +75,9 @@ pub enum ExchangeError {
     /// The upstream's response is not valid HTTP/1.1.
     #[error("invalid upstream response: {0}")]
     Invalid(&'static str),
+    /// No complete response head before the deadline.
+    #[error("no response head before the deadline")]
+    TimedOut,
 }
 
 impl Conn {
@@ -80,6 +88,7 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             read_size: MIN_READ,
+            timer: None,
         }
     }
 
@@ -102,19 +111,21 @@ impl Conn {
     }
 
     /// Sends the request (`body` held whole, at most [`MAX_BODY`]) and reads the
-    /// response head; the body then comes from [`ResponseBody`], which owns the connection.
+    /// response head by `deadline`; the body then comes from [`ResponseBody`],
+    /// which owns the connection.
     pub async fn send(
         mut self,
         req: &request::Parts,
         body: &Bytes,
+        deadline: Instant,
     ) -> Result<(http::response::Parts, Framing, Conn), ExchangeError> {
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
         encode_head(req, body.len(), &mut self.out);
         self.out.extend_from_slice(body);
-        let written = async {
-            self.io.write_all(&self.out).await?;
-            self.io.flush().await
-        };
-        written.await.map_err(ExchangeError::Unanswered)?;
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
         self.out.clear();
         if self.out.capacity() > MIN_READ {
             // A form went out: an idle connection keeps no more than a head's worth.
@@ -127,6 +138,34 @@ impl Conn {
             parts.headers.remove(CONTENT_LENGTH);
         }
         Ok((parts, framing, self))
+    }
+
+    /// Writes all of `out` and flushes it, unless the deadline comes first.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
+        let mut io = Pin::new(&mut *self.io);
+        let written = loop {
+            if self.out.is_empty() {
+                break io.as_mut().poll_flush(cx);
+            }
+            match io.as_mut().poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => drop(self.out.drain(..n)),
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        match written {
+            Poll::Ready(done) => Poll::Ready(done.map_err(ExchangeError::Unanswered)),
+            Poll::Pending => self.poll_deadline(cx),
+        }
+    }
+
+    /// Ready with [`ExchangeError::TimedOut`] once the exchange's deadline has passed.
+    fn poll_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, ExchangeError>> {
+        match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(ExchangeError::TimedOut)),
+            _ => Poll::Pending,
+        }
     }
 
     /// Reads up to the end of a final response head, skipping interim (1xx) ones.
@@ -150,7 +189,11 @@ impl Conn {
                     None => {}
                 }
             }
-            let read = std::future::poll_fn(|cx| self.poll_fill(cx)).await;
+            let read = std::future::poll_fn(|cx| match self.poll_fill(cx) {
+                Poll::Ready(read) => Poll::Ready(Ok(read)),
+                Poll::Pending => self.poll_deadline(cx),
+            })
+            .await?;
             let failed = match read {
                 Ok(0) => io::Error::from(io::ErrorKind::UnexpectedEof),
                 Ok(_) => continue,
@@ -632,7 +675,7 @@ fn decode_chunked(buf: &mut BytesMut, chunk: &mut Chunk) -> Result<Step, &'stati
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn request(method: Method, headers: &[(&str, &str)]) -> request::Parts {
         let mut b = http::Request::builder()
@@ -642,6 +685,11 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).expect("request").into_parts().0
+    }
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(30)
     }
 
     /// A GET over a pipe whose other end reads the request head, answers `answer`,
@@ -671,7 +719,7 @@ mod tests {
             String::from_utf8(seen).expect("ascii")
         });
         let req = request(Method::GET, &[("host", "up"), ("x-a", "1")]);
-        let outcome = Conn::new(ours).send(&req, &Bytes::new()).await;
+        let outcome = Conn::new(ours).send(&req, &Bytes::new(), far()).await;
         let (result, conn) = match outcome {
             Ok((parts, framing, conn)) => (Ok((parts, framing)), Some(conn)),
             Err(e) => (Err(e), None),
@@ -780,7 +828,7 @@ mod tests {
             while theirs.read(&mut sink).await.is_ok_and(|n| n > 0) {}
         });
         let req = request(Method::GET, &[]);
-        let result = Conn::new(ours).send(&req, &Bytes::new()).await;
+        let result = Conn::new(ours).send(&req, &Bytes::new(), far()).await;
         assert!(
             matches!(
                 result,
@@ -1017,5 +1065,63 @@ mod tests {
             chunk_size_line(&[b'1'; MAX_CHUNK_LINE]),
             Err("chunk size line too long")
         );
+    }
+
+    /// The timer a connection keeps serves each exchange's own deadline: a later
+    /// one after the last passed while the connection was idle, and an earlier one.
+    #[tokio::test]
+    async fn each_exchange_keeps_its_own_deadline() {
+        use std::time::Duration;
+        let short = Duration::from_millis(50);
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        // Answers the first request at once, the second after a pause, the third never.
+        let upstream = tokio::spawn(async move {
+            let mut chunk = [0u8; 1024];
+            for delay in [Some(Duration::ZERO), Some(short * 2), None] {
+                let mut seen = Vec::new();
+                while !seen.ends_with(b"\r\n\r\n") {
+                    let n = theirs.read(&mut chunk).await.expect("read");
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&chunk[..n]);
+                }
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                    let ok = b"HTTP/1.1 204 No Content\r\n\r\n";
+                    theirs.write_all(ok).await.expect("write");
+                }
+            }
+            let _ = theirs.read(&mut chunk).await;
+        });
+        let req = request(Method::GET, &[("host", "up")]);
+
+        let first = Conn::new(ours)
+            .send(&req, &Bytes::new(), Instant::now() + short)
+            .await;
+        let (head, _, conn) = first.expect("first exchange");
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+        // The first deadline passes while the connection is idle.
+        tokio::time::sleep(short * 3).await;
+
+        // A later deadline: the timer that fired is set again, not left fired.
+        let second = conn.send(&req, &Bytes::new(), far()).await;
+        let (head, _, conn) = second.expect("second exchange, answered late but in time");
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+
+        // An earlier deadline than the last: kept, not the far one.
+        let started = Instant::now();
+        let third = conn.send(&req, &Bytes::new(), started + short).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(third, Err(ExchangeError::TimedOut)),
+            "{:?}",
+            third.err()
+        );
+        assert!(
+            waited >= short && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        upstream.abort();
     }
 }

@@ -295,20 +295,27 @@ impl Upstream<'_> {
         let started = Instant::now();
         let c = &self.route.config;
         let timeout = c.upstream_timeout;
-        let sent = self
+        // The deadline is the upstream client's to keep: its own exchange times
+        // out on a timer each connection keeps, not one made per request.
+        let result = self
             .snap
             .upstream
-            .request(&c.upstream_scheme, &c.upstream_authority, req);
-        let result = tokio::time::timeout(timeout, sent).await;
+            .request(
+                &c.upstream_scheme,
+                &c.upstream_authority,
+                req,
+                started + timeout,
+            )
+            .await;
         let elapsed = started.elapsed();
         ctx.upstream_time = Some(elapsed);
         let (kind, err) = match result {
-            Ok(Ok(answer)) => {
+            Ok(answer) => {
                 self.route.upstream_duration.observe(elapsed.as_secs_f64());
                 return Ok(answer);
             }
-            Err(_) => ("timeout", ProxyError::UpstreamTimeout(timeout)),
-            Ok(Err(e)) => {
+            Err(e) if e.is_timeout() => ("timeout", ProxyError::UpstreamTimeout(timeout)),
+            Err(e) => {
                 tracing::debug!(route = self.route.name(), error = %e, "upstream request failed");
                 if client_body_failed(&e) {
                     // The client's own body broke (bad chunking, gone mid-upload): its fault,

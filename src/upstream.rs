@@ -8,6 +8,7 @@ use crate::body::{full, AnyBody, BoxError, ProxyBody};
 use crate::config::OutboundConfig;
 use crate::{h1, workers};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{request, Request, Response, Uri};
 use hyper::client::conn::TrySendError;
@@ -142,12 +143,33 @@ pub enum UpstreamError {
     /// Our own HTTP/1.1 exchange failed on an established connection.
     #[error(transparent)]
     Exchange(#[from] h1::ExchangeError),
+    /// No response head by the deadline (connecting included).
+    #[error("no response head before the deadline")]
+    TimedOut,
+}
+
+/// `fut`'s output, or [`UpstreamError::TimedOut`] at `deadline`. A combinator, not
+/// an `async fn`: that would hold `fut` twice (argument and awaited), in every
+/// request's future.
+fn timeout_at<F: Future>(
+    deadline: tokio::time::Instant,
+    fut: F,
+) -> impl Future<Output = Result<F::Output, UpstreamError>> {
+    tokio::time::timeout_at(deadline, fut).map(|r| r.map_err(|_| UpstreamError::TimedOut))
 }
 
 impl UpstreamError {
     /// True when no connection to the upstream could be made.
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))
+    }
+
+    /// True when the deadline passed before a response head came.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::TimedOut | UpstreamError::Exchange(h1::ExchangeError::TimedOut)
+        )
     }
 }
 
@@ -219,23 +241,25 @@ impl UpstreamClient {
     /// keep-alive race). A request it never saw is sent again on another connection;
     /// one it may have seen is sent again only if it is held and idempotent, as
     /// RFC 9110 §9.2.2 allows. A fresh connection's failure is the upstream's
-    /// answer and is not retried.
+    /// answer and is not retried. All of it, connecting included, ends at `deadline`.
     pub async fn request(
         &self,
         scheme: &Scheme,
         authority: &Authority,
         out: Outgoing<'_>,
+        deadline: tokio::time::Instant,
     ) -> Result<Answer, UpstreamError> {
         // `build` never makes an empty set; the modulo keeps a stray index in range.
         let worker = workers::current() % self.shared.pools.len();
         match out {
             Outgoing::Held { parts, body } => {
-                self.send_held(worker, scheme, authority, parts, body).await
+                self.send_held(worker, scheme, authority, parts, body, deadline)
+                    .await
             }
             // Boxed: hyper's HTTP/1 send is twice the size of the held path's, and
             // every request's future would otherwise carry it.
             Outgoing::Streamed(req) => {
-                Box::pin(self.send_streamed(worker, scheme, authority, req)).await
+                Box::pin(self.send_streamed(worker, scheme, authority, req, deadline)).await
             }
         }
     }
@@ -249,16 +273,18 @@ impl UpstreamClient {
         authority: &Authority,
         parts: &request::Parts,
         body: &Bytes,
+        deadline: tokio::time::Instant,
     ) -> Result<Answer, UpstreamError> {
         let may_resend = parts.method.is_idempotent();
         let own = body.len() <= h1::MAX_BODY;
         let mut stale = 0;
         loop {
-            let (host, conn, reused) = self.take(worker, scheme, authority, own).await?;
+            let (host, conn, reused) = self.take(worker, scheme, authority, own, deadline).await?;
             let again = reused && stale < MAX_STALE_RETRIES;
             // Every arm returns but the keep-alive race's: the loop sends again.
             match conn {
-                Conn::Own(conn) => match conn.send(parts, body).await {
+                // The exchange keeps its own timer: see `h1::Conn::send`.
+                Conn::Own(conn) => match conn.send(parts, body, deadline).await {
                     Ok((head, framing, conn)) => {
                         let home = Home {
                             shared: self.shared.clone(),
@@ -276,10 +302,8 @@ impl UpstreamClient {
                 },
                 Conn::Hyper(hyper_conn) => {
                     let req = Request::from_parts(parts.clone(), full(body.clone()));
-                    match self
-                        .send_on(hyper_conn, worker, host, scheme, authority, req)
-                        .await
-                    {
+                    let sent = self.send_on(hyper_conn, worker, host, scheme, authority, req);
+                    match timeout_at(deadline, sent).await? {
                         Ok(answer) => return Ok(answer),
                         Err(mut failed) => {
                             let unsent = failed.take_message().is_some();
@@ -304,20 +328,21 @@ impl UpstreamClient {
         scheme: &Scheme,
         authority: &Authority,
         mut req: Request<ProxyBody>,
+        deadline: tokio::time::Instant,
     ) -> Result<Answer, UpstreamError> {
         let mut stale = 0;
         loop {
-            let (host, conn, reused) = self.take(worker, scheme, authority, false).await?;
+            let (host, conn, reused) = self
+                .take(worker, scheme, authority, false, deadline)
+                .await?;
             let Conn::Hyper(conn) = conn else {
                 // `checkout` gives own-exchange connections to held requests only.
                 return Err(UpstreamError::Connect(
                     "no connection for a streamed body".into(),
                 ));
             };
-            let mut failed = match self
-                .send_on(conn, worker, host, scheme, authority, req)
-                .await
-            {
+            let sent = self.send_on(conn, worker, host, scheme, authority, req);
+            let mut failed = match timeout_at(deadline, sent).await? {
                 Ok(answer) => return Ok(answer),
                 Err(failed) => failed,
             };
@@ -342,6 +367,7 @@ impl UpstreamClient {
         scheme: &Scheme,
         authority: &Authority,
         own: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<(usize, Conn, bool), UpstreamError> {
         let shared = &self.shared;
         let mut waited = false;
@@ -352,13 +378,14 @@ impl UpstreamClient {
                 Taken::Connect(guard) => {
                     // Boxed: a connect's state (TLS, tunnel, handshakes) is 6 KiB, and
                     // every request's future would otherwise carry and copy it.
-                    let conn = Box::pin(shared.connect(worker, host, scheme, authority, own)).await;
+                    let connect = Box::pin(shared.connect(worker, host, scheme, authority, own));
+                    let conn = timeout_at(deadline, connect).await;
                     drop(guard);
-                    return Ok((host, conn?, false));
+                    return Ok((host, conn??, false));
                 }
                 Taken::Wait(done) => {
                     // Once: if that connect failed, each request tries its own, in parallel.
-                    done.await;
+                    timeout_at(deadline, done).await?;
                     waited = true;
                 }
             }
@@ -783,7 +810,14 @@ mod tests {
             parts: &parts,
             body: &Bytes::new(),
         };
-        let (resp, checkin) = client.request(&Scheme::HTTP, authority, out).await?;
+        let (resp, checkin) = client
+            .request(
+                &Scheme::HTTP,
+                authority,
+                out,
+                tokio::time::Instant::now() + Duration::from_secs(30),
+            )
+            .await?;
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         drop(checkin);
         Ok(String::from_utf8_lossy(&body).into_owned())

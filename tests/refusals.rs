@@ -672,6 +672,34 @@ async fn upstream_slower_than_upstream_timeout_is_upstream_timeout() {
     );
 }
 
+/// A streamed upload goes through hyper's client, not the proxy's own exchange:
+/// the same deadline holds there.
+#[tokio::test]
+async fn streamed_upload_to_a_slow_upstream_is_upstream_timeout() {
+    let h = Harness::with(Setup {
+        route: "upstream_timeout = \"200ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let started = Instant::now();
+    let r = post(
+        &h.url("/workfront/slow?ms=2000"),
+        &[
+            ("x-proxy-key", KEY),
+            ("content-type", "application/octet-stream"),
+        ],
+        vec![7u8; 64 * 1024],
+    )
+    .await;
+    let waited = started.elapsed();
+    r.assert_refusal(504, "upstream_timeout");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "answered at upstream_timeout ({waited:?})"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Expect: 100-continue
 
