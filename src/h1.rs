@@ -56,6 +56,8 @@ pub struct Conn {
     /// The request head being written; kept for its capacity.
     out: Vec<u8>,
     read_size: usize,
+    /// Where each field of the response head being parsed sits (scratch room).
+    fields: Vec<[usize; 4]>,
     /// The deadline of the exchange in flight, kept from one exchange to the next:
     /// moving a registered timer later is one atomic write, where a new timer per
     /// request takes the timer wheel's lock twice (register, cancel).
@@ -88,6 +90,7 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             read_size: MIN_READ,
+            fields: Vec::new(),
             timer: None,
         }
     }
@@ -174,7 +177,7 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 answered = true;
-                match parse_head(&mut self.buf)? {
+                match parse_head(&mut self.buf, &mut self.fields)? {
                     Some(parts) if parts.status.is_informational() => {
                         // 101 would switch protocols: the proxy never asks for that.
                         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -268,7 +271,11 @@ fn encode_head(req: &request::Parts, body_len: usize, out: &mut Vec<u8>) {
 
 /// Parses a response head at the start of `buf` and removes it; `None` if it is
 /// not complete yet. Header values share the head's bytes (one allocation).
-fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, ExchangeError> {
+/// `fields` is scratch room kept by the connection, so that no response allocates it.
+fn parse_head(
+    buf: &mut BytesMut,
+    fields: &mut Vec<[usize; 4]>,
+) -> Result<Option<http::response::Parts>, ExchangeError> {
     // Uninitialised: zeroing 100 fields on every response cost more than parsing it.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -299,20 +306,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Excha
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     // Where each field sits in the head, so the values can share its bytes once it is frozen.
     let start = buf.as_ptr() as usize;
-    let fields: Vec<_> = resp
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - start;
-            let value = h.value.as_ptr() as usize - start;
-            (name, name + h.name.len(), value, value + h.value.len())
-        })
-        .collect();
+    fields.clear();
+    fields.extend(resp.headers.iter().map(|h| {
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        [name, name + h.name.len(), value, value + h.value.len()]
+    }));
     let head = buf.split_to(len).freeze();
     // Room for the headers the proxy adds, and for the next request's: hyper's server
     // keeps the response's map to parse the connection's next request head into.
     let mut map = HeaderMap::with_capacity(fields.len() + 8);
-    for &(ns, ne, vs, ve) in &fields {
+    for &[ns, ne, vs, ve] in fields.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| ExchangeError::Invalid("malformed header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
