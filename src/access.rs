@@ -7,7 +7,6 @@ use base64::Engine;
 use http::{header, HeaderMap};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -176,8 +175,17 @@ impl Access {
 
     /// Checks the header and query key sources in the spec's order.
     pub fn admit(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Client, Refusal> {
-        let candidates = header_and_query_candidates(headers, query);
-        self.first_match(&candidates)
+        // Visited in place, not collected: no allocation per request.
+        let mut any = false;
+        let found = visit_candidates(headers, query, |c| {
+            any = true;
+            self.match_key(c)
+        });
+        found.ok_or(if any {
+            Refusal::Invalid
+        } else {
+            Refusal::Missing
+        })
     }
 
     /// The first candidate matching a key, or the refusal reason.
@@ -192,38 +200,44 @@ impl Access {
     }
 }
 
-/// Key candidates from headers and query, in order: Bearer, Basic password,
-/// `x-proxy-key`, `x-api-key`, `apiKey` query parameter. Header values are
-/// borrowed, not copied; only decoded ones (Basic, query) are owned.
-pub fn header_and_query_candidates<'h>(
-    headers: &'h HeaderMap,
+/// Calls `f` on each non-empty key candidate until it returns something, in the
+/// spec's order: Bearer, Basic password, `x-proxy-key`, `x-api-key`, `apiKey`
+/// query parameter. Header values are borrowed, not copied.
+fn visit_candidates<T>(
+    headers: &HeaderMap,
     query: Option<&str>,
-) -> Vec<Cow<'h, [u8]>> {
-    let mut out = Vec::new();
+    mut f: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<T> {
+    let mut try_one = |c: &[u8]| if c.is_empty() { None } else { f(c) };
     for v in headers.get_all(header::AUTHORIZATION) {
         let v = v.as_bytes();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-            out.push(Cow::Borrowed(v[7..].trim_ascii()));
+            if let Some(found) = try_one(v[7..].trim_ascii()) {
+                return Some(found);
+            }
         } else if v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ") {
             if let Ok(decoded) =
                 base64::engine::general_purpose::STANDARD.decode(v[6..].trim_ascii())
             {
                 if let Some(i) = decoded.iter().position(|b| *b == b':') {
-                    out.push(Cow::Owned(decoded[i + 1..].to_vec()));
+                    if let Some(found) = try_one(&decoded[i + 1..]) {
+                        return Some(found);
+                    }
                 }
             }
         }
     }
     for name in [&X_PROXY_KEY, &X_API_KEY] {
         for v in headers.get_all(name) {
-            out.push(Cow::Borrowed(v.as_bytes().trim_ascii()));
+            if let Some(found) = try_one(v.as_bytes().trim_ascii()) {
+                return Some(found);
+            }
         }
     }
-    if let Some(q) = query {
-        out.extend(api_key_candidates(q.as_bytes()).into_iter().map(Cow::Owned));
-    }
-    out.retain(|c| !c.is_empty());
-    out
+    let q = query?;
+    api_key_candidates(q.as_bytes())
+        .iter()
+        .find_map(|c| try_one(c))
 }
 
 static X_PROXY_KEY: http::HeaderName = http::HeaderName::from_static("x-proxy-key");
