@@ -567,13 +567,8 @@ fn rewrite_request(
     ctx: &mut RequestCtx,
     form_len: Option<usize>,
 ) {
-    let path = route.upstream_path(parts.uri.path());
     let query = parts.uri.query().and_then(scrub_query);
-    let mut pq = path;
-    if let Some(q) = query {
-        pq.push('?');
-        pq.push_str(&q);
-    }
+    let pq = route.upstream_target(parts.uri.path(), query.as_deref());
     let c = &route.config;
     // Origin-form: the upstream client adds scheme and authority where HTTP/2 needs them.
     // The path was already validated by hyper and only lost parameters: this cannot fail.

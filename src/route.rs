@@ -2,6 +2,7 @@
 
 use crate::config::RouteConfig;
 use crate::metrics::Metrics;
+use bytes::Bytes;
 use http::HeaderValue;
 use prometheus::{Histogram, IntGauge};
 use std::sync::Arc;
@@ -26,19 +27,34 @@ impl Route {
 
     /// The upstream path for a client path this route matched.
     pub fn upstream_path(&self, path: &str) -> String {
+        let target = self.upstream_target(path, None);
+        String::from_utf8_lossy(&target).into_owned()
+    }
+
+    /// The upstream request target: the upstream path, then `?query` if any. In a
+    /// buffer of the exact size, which `Bytes` takes over without allocating again.
+    pub fn upstream_target(&self, path: &str, query: Option<&str>) -> Bytes {
         let c = &self.config;
         let rest = if c.strip_prefix && c.prefix != "/" {
             &path[c.prefix.len().min(path.len())..]
         } else {
             path
         };
-        let mut out = String::with_capacity(c.upstream_base_path.len() + rest.len() + 1);
-        out.push_str(&c.upstream_base_path);
-        out.push_str(rest);
-        if !out.starts_with('/') {
-            out.insert(0, '/');
+        let base = &c.upstream_base_path;
+        let first = if base.is_empty() { rest } else { base };
+        let slash = !first.starts_with('/');
+        let len = usize::from(slash) + base.len() + rest.len() + query.map_or(0, |q| 1 + q.len());
+        let mut out = Vec::with_capacity(len);
+        if slash {
+            out.push(b'/');
         }
-        out
+        out.extend_from_slice(base.as_bytes());
+        out.extend_from_slice(rest.as_bytes());
+        if let Some(q) = query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
+        Bytes::from(out)
     }
 }
 
@@ -160,5 +176,25 @@ mod tests {
         assert_eq!(wf.upstream_path("/workfront"), "/base");
         let keep = r.find("/keep/x").unwrap();
         assert_eq!(keep.upstream_path("/keep/x"), "/keep/x");
+        // The target adds the query, in a buffer of exactly its length.
+        let target = wf.upstream_target("/workfront/x", Some("a=1&b"));
+        assert_eq!(&target[..], b"/base/x?a=1&b");
+        assert_eq!(&wf.upstream_target("/workfront", None)[..], b"/base");
+    }
+
+    #[test]
+    fn upstream_path_always_starts_with_a_slash() {
+        let r = Router::new(
+            &routes(&[
+                ("root", "/", "http://a", true),
+                ("all", "/all", "http://a", true),
+            ]),
+            &Metrics::new(),
+        )
+        .unwrap();
+        let all = r.find("/all").unwrap();
+        assert_eq!(all.upstream_path("/all"), "/");
+        assert_eq!(&all.upstream_target("/all", Some("q"))[..], b"/?q");
+        assert_eq!(r.find("/x").unwrap().upstream_path("/x/y"), "/x/y");
     }
 }
