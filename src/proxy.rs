@@ -83,12 +83,28 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// A random per-process prefix and a counter, 32 hex digits: unique without a
-/// random draw and a `format!` per request.
+/// random draw and a `format!` per request. Each thread counts in a range of its
+/// own (2^40 ids wide), so workers do not pass one shared counter back and forth
+/// between their cores on every request.
 fn fresh_request_id() -> HeaderValue {
     static PREFIX: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static RANGES: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static NEXT: std::cell::Cell<u64> =
+            std::cell::Cell::new(RANGES.fetch_add(1, Ordering::Relaxed) << 40);
+    }
     let prefix = *PREFIX.get_or_init(rand::random);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let n = NEXT.with(|next| {
+        let n = next.get();
+        // At the end of a range (a trillion ids), the thread takes a new one.
+        let following = n + 1;
+        next.set(if following.trailing_zeros() >= 40 {
+            RANGES.fetch_add(1, Ordering::Relaxed) << 40
+        } else {
+            following
+        });
+        n
+    });
     let mut hex = [0u8; 32];
     let halves = hex::encode_to_slice(prefix.to_be_bytes(), &mut hex[..16])
         .and_then(|()| hex::encode_to_slice(n.to_be_bytes(), &mut hex[16..]));
@@ -733,5 +749,20 @@ mod tests {
         assert_eq!(retry_after_delay("86400", now), Some(MAX_HOLD_BACK));
         assert_eq!(retry_after_delay("soon", now), None);
         assert_eq!(retry_after_delay("-1", now), None);
+    }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_within_and_across_threads() {
+        let draw = || (0..1000).map(|_| fresh_request_id()).collect::<Vec<_>>();
+        let others = std::thread::spawn(draw).join().expect("thread");
+        let mine = draw();
+        let mut all = std::collections::HashSet::new();
+        for id in mine.iter().chain(&others) {
+            assert_eq!(id.len(), 32, "{id:?}");
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
+            assert!(all.insert(id.clone()), "repeated: {id:?}");
+        }
+        // One process prefix for all.
+        assert_eq!(mine[0].as_bytes()[..16], others[0].as_bytes()[..16]);
     }
 }
