@@ -60,7 +60,8 @@ pub struct Conn {
     fields: Vec<[usize; 4]>,
     /// The deadline of the exchange in flight, kept from one exchange to the next:
     /// moving a registered timer later is one atomic write, where a new timer per
-    /// request takes the timer wheel's lock twice (register, cancel).
+    /// request takes the timer wheel's lock twice (register, cancel). It belongs to
+    /// the runtime that made it, so a connection stays in that worker's pool.
     timer: Option<Pin<Box<Sleep>>>,
 }
 

@@ -89,22 +89,25 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 fn fresh_request_id() -> HeaderValue {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static RANGES: AtomicU64 = AtomicU64::new(0);
+    const RANGE: u64 = 1 << 40;
     thread_local! {
         static NEXT: std::cell::Cell<u64> =
-            std::cell::Cell::new(RANGES.fetch_add(1, Ordering::Relaxed) << 40);
+            std::cell::Cell::new(RANGES.fetch_add(RANGE, Ordering::Relaxed));
     }
     let prefix = *PREFIX.get_or_init(rand::random);
-    let n = NEXT.with(|next| {
+    let counted = NEXT.try_with(|next| {
         let n = next.get();
         // At the end of a range (a trillion ids), the thread takes a new one.
-        let following = n + 1;
-        next.set(if following.trailing_zeros() >= 40 {
-            RANGES.fetch_add(1, Ordering::Relaxed) << 40
+        let following = n.wrapping_add(1);
+        next.set(if following % RANGE == 0 {
+            RANGES.fetch_add(RANGE, Ordering::Relaxed)
         } else {
             following
         });
         n
     });
+    // A thread already tearing down its locals draws one id from the shared count.
+    let n = counted.unwrap_or_else(|_| RANGES.fetch_add(1, Ordering::Relaxed));
     let mut hex = [0u8; 32];
     let halves = hex::encode_to_slice(prefix.to_be_bytes(), &mut hex[..16])
         .and_then(|()| hex::encode_to_slice(n.to_be_bytes(), &mut hex[16..]));
@@ -320,7 +323,7 @@ impl Upstream<'_> {
                 &c.upstream_scheme,
                 &c.upstream_authority,
                 req,
-                started + timeout,
+                deadline(started, timeout),
             )
             .await;
         let elapsed = started.elapsed();
@@ -351,6 +354,14 @@ impl Upstream<'_> {
             .inc();
         Err(err)
     }
+}
+
+/// When an upstream request that starts at `started` must have its answer: a
+/// `timeout` too large to add (the config sets no upper bound) means a year.
+fn deadline(started: Instant, timeout: Duration) -> Instant {
+    started
+        .checked_add(timeout)
+        .unwrap_or_else(|| started + Duration::from_secs(365 * 86_400))
 }
 
 /// True when an upstream request failed because the streamed client body did: the
@@ -764,5 +775,15 @@ mod tests {
         }
         // One process prefix for all.
         assert_eq!(mine[0].as_bytes()[..16], others[0].as_bytes()[..16]);
+    }
+
+    #[test]
+    fn an_upstream_deadline_never_overflows() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(86_400));
     }
 }

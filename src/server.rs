@@ -209,17 +209,13 @@ const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// Both HTTP/1 builders get the same settings. hyper's own head timer is off: it
 /// would also cut idle keep-alive connections (see `conn`); the server enforces
-/// `header_read_timeout` itself. Responses are written from one flat buffer, not
-/// by `writev` of head and body: for a small response that is one plain `send`,
-/// and in the load bench it cost less CPU both for small JSON responses and for
-/// a 1 GiB download (see PERFORMANCE.md).
+/// `header_read_timeout` itself.
 macro_rules! http1_settings {
     ($b:expr) => {
         $b.timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
             .max_buf_size(MAX_HEAD_BYTES)
-            .writev(false)
     };
 }
 
@@ -228,7 +224,15 @@ fn http1_builder() -> http1::Builder {
     let mut b = http1::Builder::new();
     // The read buffer's cap alone lets a head slightly over it through when it
     // arrives in one large read; the parsed head is checked against this too.
-    http1_settings!(b).max_header_size(MAX_HEAD_BYTES);
+    // Responses are written from one flat buffer, not by `writev` of head and
+    // body: a small response is one plain `send`, and in the load bench that cost
+    // less CPU for small responses and for a 1 GiB download (PERFORMANCE.md). The
+    // buffer keeps the size of the largest body frame it took (up to 256 KiB from
+    // an upstream) until hyper lets go of the connection: only parked connections
+    // flatten, whose hyper state is dropped once they rest for `PARK_AFTER`.
+    http1_settings!(b)
+        .max_header_size(MAX_HEAD_BYTES)
+        .writev(false);
     b
 }
 
