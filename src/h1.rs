@@ -129,8 +129,8 @@ impl Conn {
         }
         encode_head(req, body.len(), &mut self.out);
         self.out.extend_from_slice(body);
+        // Written out, `out` is empty again.
         std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
-        self.out.clear();
         if self.out.capacity() > MIN_READ {
             // A form went out: an idle connection keeps no more than a head's worth.
             self.out = Vec::new();
