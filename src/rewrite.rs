@@ -64,12 +64,27 @@ fn is_client_claim(name: &str) -> bool {
 /// Parameter names (case-insensitive, after percent-decoding) that carry legacy credentials.
 const CREDENTIAL_PARAMS: [&str; 2] = ["apikey", "sessionid"];
 
-/// Removes every header `doomed` picks by name. One scan of the (few) names per
-/// removal instead of a hash lookup per listed name, and no allocation: most
-/// requests carry one such header (the proxy key), most responses one (`Connection`).
+/// Removes every header `doomed` picks by name: a scan of the (few) names instead
+/// of a hash lookup per listed name. Most requests carry one such header (the
+/// proxy key), most responses one (`Connection`): one scan finds up to four,
+/// and another scan is needed only when there were more.
 fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
-    while let Some(name) = headers.keys().find(|n| doomed(n.as_str())).cloned() {
-        headers.remove(name);
+    const AT_ONCE: usize = 4;
+    loop {
+        let mut found: [Option<http::HeaderName>; AT_ONCE] = Default::default();
+        let mut count = 0;
+        for name in headers.keys().filter(|n| doomed(n.as_str())) {
+            if let Some(slot) = found.get_mut(count) {
+                *slot = Some(name.clone());
+            }
+            count += 1;
+        }
+        for name in found.into_iter().flatten() {
+            headers.remove(name);
+        }
+        if count <= AT_ONCE {
+            return;
+        }
     }
 }
 
