@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# User and system CPU time per request of running proxies, in alternating rounds
+# of `wrk -c CONNS`: the A/B comparison the PERFORMANCE.md passes quote ("on the
+# rig"). Start the rig first (`HOLD=1200 benches/load.sh`), and any variant to
+# compare on ports of its own (a copy of the rig's ims.toml with other ports).
+#
+# Usage: benches/load/cpu_per_request.sh ROUNDS SECONDS CONNS name:port:pid[,pid...] ...
+#   e.g. benches/load/cpu_per_request.sh 6 5 32 nginx:18011:PID1,PID2 ims:18021:PID3
+# Prints one line per run (req/s, user and system µs per request, from /proc),
+# then the mean of each variant. PATH and KEY are the rig's; override with
+# BENCH_PATH and BENCH_KEY.
+set -euo pipefail
+(($# >= 4)) || { sed -n '2,12p' "$0" >&2; exit 2; }
+ROUNDS=$1 SECS=$2 CONNS=$3
+shift 3
+BENCH_PATH=${BENCH_PATH:-/bench/api/v1/items}
+BENCH_KEY=${BENCH_KEY:-load-bench-client-key-0123456789}
+TICK=$(getconf CLK_TCK)
+
+# Summed user and system clock ticks of the given pids (all their threads).
+ticks() {
+    local user=0 sys=0 pid fields
+    for pid in "$@"; do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the command name's ')'.
+        fields=$(sed 's/.*) //' "/proc/$pid/stat")
+        read -r -a f <<<"$fields"
+        user=$((user + f[11])) sys=$((sys + f[12]))
+    done
+    echo "$user $sys"
+}
+
+declare -A runs rps_sum user_sum sys_sum
+for ((round = 1; round <= ROUNDS; round++)); do
+    for spec in "$@"; do
+        IFS=: read -r name port pids <<<"$spec"
+        IFS=, read -r -a pid_list <<<"$pids"
+        read -r u0 s0 <<<"$(ticks "${pid_list[@]}")"
+        out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" -H "x-proxy-key: $BENCH_KEY" "http://127.0.0.1:$port$BENCH_PATH")
+        read -r u1 s1 <<<"$(ticks "${pid_list[@]}")"
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        n=$(awk '/requests in/ {print $1}' <<<"$out")
+        read -r user sys <<<"$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$n" -v t="$TICK" \
+            'BEGIN { printf "%.2f %.2f", u * 1e6 / t / n, s * 1e6 / t / n }')"
+        echo "round $round c=$CONNS $name: $rps req/s, user $user us, system $sys us per request"
+        runs[$name]=$((${runs[$name]:-0} + 1))
+        rps_sum[$name]=$(awk -v a="${rps_sum[$name]:-0}" -v b="$rps" 'BEGIN { print a + b }')
+        user_sum[$name]=$(awk -v a="${user_sum[$name]:-0}" -v b="$user" 'BEGIN { print a + b }')
+        sys_sum[$name]=$(awk -v a="${sys_sum[$name]:-0}" -v b="$sys" 'BEGIN { print a + b }')
+    done
+done
+for spec in "$@"; do
+    name=${spec%%:*}
+    awk -v n="${runs[$name]}" -v r="${rps_sum[$name]}" -v u="${user_sum[$name]}" -v s="${sys_sum[$name]}" -v name="$name" \
+        'BEGIN { printf "mean %s: %.0f req/s, user %.2f us, system %.2f us per request\n", name, r / n, u / n, s / n }'
+done
