@@ -302,7 +302,11 @@ impl UpstreamClient {
                 },
                 Conn::Hyper(hyper_conn) => {
                     let req = Request::from_parts(parts.clone(), full(body.clone()));
-                    let sent = self.send_on(hyper_conn, worker, host, scheme, authority, req);
+                    // Boxed: hyper's client future is three times the size of our own
+                    // exchange's, and every request's future (several levels up, each
+                    // copied when made) would otherwise carry room for it.
+                    let sent =
+                        Box::pin(self.send_on(hyper_conn, worker, host, scheme, authority, req));
                     match timeout_at(deadline, sent).await? {
                         Ok(answer) => return Ok(answer),
                         Err(mut failed) => {
