@@ -3,7 +3,6 @@
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -30,9 +29,9 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Bytes> {
 }
 
 /// Answers one admin request.
-pub async fn handle(
+pub async fn handle<B>(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<Bytes>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => respond(

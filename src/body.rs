@@ -59,6 +59,50 @@ impl Body for AnyBody {
     }
 }
 
+/// A client's request body: hyper's stream, or none at all (a head the proxy's own
+/// HTTP/1.1 server read, which carries no body by construction).
+pub enum ClientBody {
+    /// Streamed through hyper's server.
+    Incoming(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(body: Incoming) -> Self {
+        ClientBody::Incoming(body)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Incoming(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Incoming(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// What the proxy sends (upstream requests and client responses).
 pub type ProxyBody = Counted<AnyBody>;
 

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod h1;
+pub mod h1_server;
 pub mod ims;
 pub mod logging;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! accept → route → admit → rewrite → forward → stream back → record.
 
 use crate::access::{api_key_candidates, Client, Refusal};
-use crate::body::{full, streamed, AnyBody, Counted, ProxyBody};
+use crate::body::{full, streamed, AnyBody, ClientBody, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
 use crate::metrics::{Chargeback, Metrics};
@@ -125,7 +125,7 @@ fn fresh_request_id() -> HeaderValue {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let exchange = ExchangeGuard::new(&conn);
     let snap = shared.snapshot.load_full();
@@ -167,7 +167,7 @@ async fn journey(
     conn: &ConnInfo,
     ctx: &mut RequestCtx,
     mut parts: Parts,
-    body: Incoming,
+    body: ClientBody,
 ) -> Result<(Response<ProxyBody>, JourneyGuards), ProxyError> {
     refuse_unsafe_target(&parts)?;
     if !snap.access.source_allowed(conn.peer.ip()) {
@@ -428,7 +428,7 @@ async fn admit(
     metrics: &Metrics,
     route: &Route,
     parts: &Parts,
-    body: Incoming,
+    body: ClientBody,
     ctx: &mut RequestCtx,
 ) -> Result<(Client, Held), ProxyError> {
     let access = &snap.access;
@@ -492,9 +492,8 @@ async fn admit(
         (None, Some(b)) if form => {
             Held::Form(scrub(&read_form(parts, b, max, header_timeout).await?)?)
         }
-        (None, Some(b)) if b.is_end_stream() => Held::Empty,
-        (None, Some(b)) => Held::Stream(b),
-        (None, None) => Held::Empty,
+        (None, Some(ClientBody::Incoming(b))) if !b.is_end_stream() => Held::Stream(b),
+        (None, _) => Held::Empty,
     };
     Ok((client, held))
 }
@@ -515,7 +514,7 @@ fn scrub(form: &[u8]) -> Result<Bytes, ProxyError> {
 /// trickles a form body cannot hold a connection and a buffer open for ever.
 async fn read_form(
     parts: &Parts,
-    body: Incoming,
+    body: ClientBody,
     max: u64,
     deadline: Duration,
 ) -> Result<Bytes, ProxyError> {

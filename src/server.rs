@@ -3,16 +3,17 @@
 
 use crate::admin;
 use crate::body::BoxError;
-use crate::body::{full, ProxyBody};
+use crate::body::{full, ClientBody, ProxyBody};
 use crate::config::{Config, TlsFiles};
 use crate::conn::{ConnInfo, ExchangeGuard, Watched, H2_PREFACE};
+use crate::h1_server::{self, Head};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::Shared;
 use crate::workers::{Balance, Handoff, OpenGuard, Workers};
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -30,7 +31,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -207,6 +208,9 @@ pub const MAX_HEADERS: usize = 100;
 /// 10,000 idle keep-alive clients cost about 3 KiB each instead of about 27.
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
+/// Room made in the read buffer of our own HTTP/1.1 server before each read.
+const READ_SIZE: usize = 8 * 1024;
+
 /// Both HTTP/1 builders get the same settings. hyper's own head timer is off: it
 /// would also cut idle keep-alive connections (see `conn`); the server enforces
 /// `header_read_timeout` itself.
@@ -381,7 +385,7 @@ async fn accept_loop<F, Fut, B>(
     mut balanced: Option<Balanced>,
 ) -> DrainReport
 where
-    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -496,7 +500,7 @@ async fn serve_plain<F, Fut, B>(
     handler: F,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -516,9 +520,27 @@ async fn serve_plain<F, Fut, B>(
                 _ => {}
             }
         }
-        let served = Box::pin(serve_http1(
+        // Our own server first; hyper takes what it does not, with the bytes read.
+        // Boxed, as hyper's path is: a parked connection's task holds neither.
+        let own = Box::pin(serve_own(
             stream,
             carried,
+            &conn,
+            &settings,
+            &handler,
+            &mut shutdown,
+        ));
+        let (s, read) = match own.await {
+            Own::Park(s) => {
+                (stream, carried) = (s, Bytes::new());
+                continue;
+            }
+            Own::Hyper(s, read) => (s, read),
+            Own::Closed => return,
+        };
+        let served = Box::pin(serve_http1(
+            s,
+            read,
             &conn,
             &settings,
             handler.clone(),
@@ -528,6 +550,132 @@ async fn serve_plain<F, Fut, B>(
         match served {
             Some((s, rest)) => (stream, carried) = (s, rest),
             None => return,
+        }
+    }
+}
+
+/// What [`serve_own`] left of a connection.
+enum Own {
+    /// It rested long enough to park; nothing was left unread.
+    Park(TcpStream),
+    /// A request for hyper, and every byte read of it (and of any after it).
+    Hyper(TcpStream, Bytes),
+    /// Closed: by the client, an error, a limit, or the drain.
+    Closed,
+}
+
+/// Serves a plain HTTP/1.1 connection's requests without a body on the proxy's own
+/// exchange ([`h1_server`]), until it rests long enough to park or a request comes
+/// that hyper must take. Limits, parking and the drain are the same as on hyper's
+/// path (`serve_http1`), and checked by the same one timer.
+async fn serve_own<F, Fut, B>(
+    stream: TcpStream,
+    carried: Bytes,
+    conn: &Arc<ConnInfo>,
+    settings: &ConnSettings,
+    handler: &F,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Own
+where
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut io = Watched::with_prefix(stream, conn.clone(), carried);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut spare = HeaderMap::new();
+    let mut scratch = h1_server::Scratch::default();
+    let period = limits_period(settings);
+    let timer = tokio::time::sleep(period.min(PARK_AFTER));
+    tokio::pin!(timer);
+    let mut draining = *shutdown.borrow();
+    let for_hyper = |io: Watched<TcpStream>, buf: BytesMut| {
+        let (stream, unread) = io.into_parts();
+        let mut read = buf;
+        read.extend_from_slice(&unread);
+        Own::Hyper(stream, read.freeze())
+    };
+    loop {
+        let (parts, close) = loop {
+            match h1_server::parse_request(&mut buf, &mut spare, &mut scratch) {
+                Head::Ours { parts, close } => break (parts, close),
+                Head::Partial if buf.len() <= MAX_HEAD_BYTES => {}
+                Head::Partial | Head::Hyper => return for_hyper(io, buf),
+            }
+            if draining && buf.iter().all(|b| *b == b'\r' || *b == b'\n') {
+                // No request under way: the drain closes the connection now, as hyper's does.
+                return Own::Closed;
+            }
+            buf.reserve(READ_SIZE);
+            tokio::select! {
+                biased;
+                read = io.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Own::Closed,
+                    Ok(_) => {}
+                },
+                _ = shutdown.changed(), if !draining => draining = true,
+                _ = &mut timer => {
+                    match check_limits(conn, settings, !draining) {
+                        Limits::HeadOverdue | Limits::Idle => return Own::Closed,
+                        Limits::Fine => {}
+                    }
+                    let mut next = period;
+                    if !draining {
+                        let may_park = buf.is_empty() && conn.at_rest();
+                        match park_check(may_park, conn.idle_for()) {
+                            None => match io.into_parts() {
+                                (stream, unread) if unread.is_empty() => {
+                                    tracing::trace!(peer = %conn.peer, "parking");
+                                    return Own::Park(stream);
+                                }
+                                // Not read yet: the next read takes it.
+                                (stream, unread) => io = Watched::with_prefix(stream, conn.clone(), unread),
+                            },
+                            Some(again) => next = next.min(again),
+                        }
+                    }
+                    timer.as_mut().reset(tokio::time::Instant::now() + next);
+                }
+            }
+        };
+        let head_request = parts.method == Method::HEAD;
+        // While the request is served, a client that closes its connection cancels it,
+        // as on hyper's path; bytes it sends meanwhile (a pipelined request) are kept.
+        let served = handler(conn.clone(), Request::from_parts(parts, ClientBody::Empty));
+        tokio::pin!(served);
+        let resp = loop {
+            tokio::select! {
+                biased;
+                resp = &mut served => break resp,
+                read = io.read_buf(&mut buf), if buf.len() <= MAX_HEAD_BYTES => match read {
+                    Ok(0) | Err(_) => return Own::Closed,
+                    Ok(_) => {}
+                },
+            }
+        };
+        let Ok(resp) = resp;
+        let (resp, body) = resp.into_parts();
+        let close = close || draining || *shutdown.borrow();
+        let written =
+            match h1_server::encode_head(&resp, body.size_hint(), head_request, close, &mut out) {
+                Ok(framing) => h1_server::write_response(&mut io, &mut out, body, framing).await,
+                Err(e) => Err(e),
+            };
+        if let Err(e) = written {
+            tracing::debug!(peer = %conn.peer, error = %e, "response not written whole; closing");
+            return Own::Closed;
+        }
+        if close {
+            let _ = io.shutdown().await;
+            return Own::Closed;
+        }
+        // The response's map holds the next request's fields.
+        spare = resp.headers;
+        if out.capacity() > 2 * READ_SIZE {
+            // A large body went out: an idle connection keeps no more than a head's room.
+            out = Vec::new();
         }
     }
 }
@@ -568,13 +716,15 @@ async fn serve_http1<F, Fut, B>(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(TcpStream, Bytes)>
 where
-    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let c = conn.clone();
-    let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        handler(c.clone(), req.map(ClientBody::Incoming))
+    });
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
     // One timer for the connection's limits and for parking, so each wake-up of a
@@ -704,13 +854,15 @@ async fn serve_connection<I, F, Fut, B>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let c = conn.clone();
-    let service = hyper::service::service_fn(move |req| handler(c.clone(), req));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        handler(c.clone(), req.map(ClientBody::Incoming))
+    });
     let connection = settings
         .builder
         .serve_connection(TokioIo::new(Watched::new(io, conn.clone())), service);

@@ -1203,3 +1203,132 @@ fn open_mode_on_a_network_address_is_refused_by_check_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------
+// The proxy's own HTTP/1.1 server takes requests without a body and hands every
+// other one to hyper, with the bytes it has read, on the same connection.
+
+/// Splits the proxy's answers into (head, body) pairs, framed by content-length;
+/// the answers to `head_requests` (by position) have no body whatever they state.
+fn answers(mut wire: &[u8], head_requests: &[usize]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !wire.is_empty() {
+        let end = wire
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("not an answer: {:?}", String::from_utf8_lossy(wire)))
+            + 4;
+        let head = String::from_utf8_lossy(&wire[..end]).into_owned();
+        let len = if head_requests.contains(&out.len()) {
+            0
+        } else {
+            values(&head, "content-length")[0].parse::<usize>().unwrap()
+        };
+        out.push((head, wire[end..end + len].to_vec()));
+        wire = &wire[end + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn pipelined_requests_with_and_without_bodies_are_answered_in_order_on_one_connection() {
+    let (h, wire) = proxy_to_raw().await;
+    let addr = h.server.proxy_addr;
+    let common = head(addr, &[]);
+    // Bodiless (ours), a body (hyper's), bodiless again, HEAD, a zero length, and a
+    // last one that closes: all written at once.
+    let req = format!(
+        "GET /workfront/one HTTP/1.1\r\n{common}\r\n\
+         POST /workfront/two HTTP/1.1\r\n{common}content-length: 5\r\n\r\nhello\
+         GET /workfront/three HTTP/1.1\r\n{common}\r\n\
+         HEAD /workfront/four HTTP/1.1\r\n{common}\r\n\
+         DELETE /workfront/five HTTP/1.1\r\n{common}content-length: 0\r\n\r\n\
+         GET /workfront/six HTTP/1.1\r\n{common}Connection: close\r\n\r\n"
+    );
+    let answer = exchange(addr, req.as_bytes()).await;
+    let got = answers(answer.as_bytes(), &[3]);
+    assert_eq!(got.len(), 6, "{answer}");
+    for (i, (head, body)) in got.iter().enumerate() {
+        assert_eq!(status_of(head), 200, "{i}: {head}");
+        assert_eq!(values(head, "x-request-id").len(), 1, "{head}");
+        let expected: &[u8] = if i == 3 { b"" } else { b"ok" };
+        assert_eq!(body, expected, "{i}: {head}");
+    }
+    // The answer to HEAD keeps the upstream's length; only the last one closes.
+    assert_eq!(values(&got[3].0, "content-length"), vec!["2"]);
+    for (head, _) in &got[..5] {
+        assert!(values(head, "connection").is_empty(), "{head}");
+    }
+    assert_eq!(values(&got[5].0, "connection"), vec!["close"]);
+    let seen: Vec<String> = wire
+        .heads()
+        .iter()
+        .map(|h| h.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    for want in [
+        "GET /one",
+        "POST /two",
+        "GET /three",
+        "HEAD /four",
+        "DELETE /five",
+        "GET /six",
+    ] {
+        assert!(seen.iter().any(|s| s == want), "{want} not seen: {seen:?}");
+    }
+    let posted = wire
+        .connections()
+        .iter()
+        .find(|c| c.starts_with("POST /two"))
+        .cloned()
+        .or_else(|| {
+            wire.connections()
+                .iter()
+                .find_map(|c| c.find("POST /two").map(|at| c[at..].to_string()))
+        })
+        .expect("the POST reached the upstream");
+    assert_eq!(body_of(&posted), b"hello");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_request_frees_the_exchange() {
+    // A slow upstream; the client gives up and closes: the in-flight gauge comes back down.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(LIMIT).await;
+                drop(s);
+            });
+        }
+    });
+    let h = Harness::with(Setup {
+        upstream_url: Some(format!("http://{upstream}")),
+        ..Setup::default()
+    })
+    .await;
+    h.ready().await;
+    let addr = h.server.proxy_addr;
+    let in_flight = || async {
+        metric(
+            &metrics_text(&h).await,
+            "ims_proxy_inflight_requests{route=\"workfront\"}",
+        )
+    };
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /workfront/slow HTTP/1.1\r\n{}\r\n", head(addr, &[]));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut waited = 0;
+    while in_flight().await != Some(1.0) {
+        waited += 1;
+        assert!(waited < 100, "the request never went in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    let mut waited = 0;
+    while in_flight().await != Some(0.0) {
+        waited += 1;
+        assert!(waited < 100, "the exchange outlived its client");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
