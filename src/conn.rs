@@ -188,6 +188,11 @@ impl<I> Watched<I> {
         Watched { io, conn, prefix }
     }
 
+    /// True while some of the prefix is still to be read.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
     /// The wrapped stream and what is left of the prefix, unread.
     pub fn into_parts(self) -> (I, Bytes) {
         (self.io, self.prefix)

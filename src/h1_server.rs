@@ -17,10 +17,10 @@ use http_body::{Body, SizeHint};
 use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::Poll;
 use std::time::SystemTime;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Most header fields this server parses; hyper takes a head with more (and
 /// answers 431 beyond its own limit, the same number).
@@ -162,7 +162,7 @@ pub enum Framing {
 /// Why a response could not be written whole: the connection cannot carry another exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// The client's connection failed.
+    /// The client's connection failed or closed.
     #[error("writing the response: {0}")]
     Io(#[from] io::Error),
     /// The body failed or did not match its stated length.
@@ -173,18 +173,41 @@ pub enum WriteError {
     Length,
 }
 
+/// A response head written: how its body follows, and whether the connection
+/// ends after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoded {
+    /// How the body goes on the wire.
+    pub framing: Framing,
+    /// The connection closes after this response.
+    pub close: bool,
+}
+
 /// Writes the status line and fields, the way hyper's server does: a reason phrase
 /// always; the body's length from the body when it knows it, else chunked; no body
 /// for HEAD, 204 and 304; `connection: close` when the connection ends after this
-/// response; and `date` when the response has none.
+/// response (`close`, or the response says so); and `date` when the response has
+/// none. A 1xx status cannot end an exchange: like hyper, it becomes a 500 that
+/// closes the connection.
 pub fn encode_head(
     parts: &response::Parts,
     size: SizeHint,
     head_request: bool,
     close: bool,
     out: &mut Vec<u8>,
-) -> Result<Framing, WriteError> {
+) -> Result<Encoded, WriteError> {
     let status = parts.status;
+    if status.is_informational() {
+        out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\n");
+        push_field(out, b"content-length", b"0");
+        push_field(out, b"connection", b"close");
+        push_date(out);
+        out.extend_from_slice(b"\r\n");
+        return Ok(Encoded {
+            framing: Framing::Nothing,
+            close: true,
+        });
+    }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     if status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -198,17 +221,15 @@ pub fn encode_head(
         }
         out.extend_from_slice(b"\r\n");
     }
-    let bodiless = status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || status.is_informational();
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (mut declared, mut says_close, mut dated) = (None, false, false);
     for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH && declared.is_none() {
+            declared = Some(value);
+        }
         if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && !head_request) {
             // The framing is this server's to state (below), except that a HEAD
             // response tells the length a GET would have had, as it was given.
-            if name == CONTENT_LENGTH && declared.is_none() {
-                declared = Some(value);
-            }
             continue;
         }
         if name == CONNECTION {
@@ -220,7 +241,17 @@ pub fn encode_head(
         dated |= name == DATE;
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    let framing = if bodiless || head_request {
+    let framing = if bodiless {
+        Framing::Nothing
+    } else if head_request {
+        // No length given: the body's own, as hyper states it (a refusal answering a HEAD).
+        if let (None, Some(n @ 1..)) = (declared, size.exact()) {
+            push_field(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
+        }
         Framing::Nothing
     } else {
         // The body's own count wins over the header's.
@@ -256,7 +287,10 @@ pub fn encode_head(
         push_date(out);
     }
     out.extend_from_slice(b"\r\n");
-    Ok(framing)
+    Ok(Encoded {
+        framing,
+        close: close || says_close,
+    })
 }
 
 fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -305,14 +339,20 @@ fn push_date(out: &mut Vec<u8>) {
 /// `framing` says. Small responses go out in one write; `out` is left empty. A
 /// body that fails, or ends short of or beyond its stated length, is an error:
 /// the client's connection cannot be trusted with another exchange.
+///
+/// While the body has nothing to send, the client is watched, as hyper does: one
+/// that closes its connection ends the exchange (and releases the upstream's)
+/// instead of waiting on a stalled upstream. Bytes it sends meanwhile (a
+/// pipelined request) go to `buf`, up to a head's limit.
 pub async fn write_response<W, B>(
     io: &mut W,
+    buf: &mut BytesMut,
     out: &mut Vec<u8>,
     body: B,
     framing: Framing,
 ) -> Result<(), WriteError>
 where
-    W: AsyncWrite + Unpin,
+    W: AsyncRead + AsyncWrite + Unpin,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
@@ -360,8 +400,19 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(WriteError::Body(e.into()))),
                 Poll::Ready(None) => return Poll::Ready(Ok(true)),
-                Poll::Pending if out.is_empty() => return Poll::Pending,
-                Poll::Pending => return Poll::Ready(Ok(false)),
+                Poll::Pending if !out.is_empty() => return Poll::Ready(Ok(false)),
+                Poll::Pending if buf.len() > crate::server::MAX_HEAD_BYTES => return Poll::Pending,
+                Poll::Pending => match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(WriteError::Io(
+                            io::ErrorKind::ConnectionAborted.into(),
+                        )))
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(WriteError::Io(e))),
+                    // Read: the body may have become ready meanwhile.
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => return Poll::Pending,
+                },
             }
         })
         .await?;
@@ -511,9 +562,10 @@ mod tests {
     ) -> (String, Framing) {
         let (parts, body) = resp.into_parts();
         let mut out = Vec::new();
-        let framing =
+        let head =
             encode_head(&parts, body.size_hint(), head_request, close, &mut out).expect("encodes");
-        (String::from_utf8(out).unwrap(), framing)
+        assert!(head.close || !close, "a closing connection must close");
+        (String::from_utf8(out).unwrap(), head.framing)
     }
 
     type ProxyBodyForTest = Counted<AnyBody>;
@@ -567,7 +619,9 @@ mod tests {
         );
         let (parts, _) = response(200, &[("transfer-encoding", "chunked")], full("")).into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, SizeHint::new(), false, false, &mut out).unwrap();
+        let framing = encode_head(&parts, SizeHint::new(), false, false, &mut out)
+            .unwrap()
+            .framing;
         assert_eq!(framing, Framing::Chunked);
         let head = String::from_utf8(out).unwrap();
         assert_eq!(
@@ -629,6 +683,73 @@ mod tests {
     }
 
     #[test]
+    fn an_interim_status_cannot_end_an_exchange_and_a_closing_response_closes() {
+        let (parts, body) = response(103, &[("link", "</a>")], full("x")).into_parts();
+        let mut out = Vec::new();
+        let head = encode_head(&parts, body.size_hint(), false, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            head,
+            Encoded {
+                framing: Framing::Nothing,
+                close: true
+            }
+        );
+        assert!(
+            text.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("connection: close\r\n") && !text.contains("link"),
+            "{text}"
+        );
+        let (parts, body) = response(200, &[("connection", "Close")], full("x")).into_parts();
+        let head = encode_head(&parts, body.size_hint(), false, false, &mut Vec::new()).unwrap();
+        assert!(
+            head.close,
+            "the response's own Connection: close is honoured"
+        );
+    }
+
+    #[test]
+    fn a_refusal_answering_head_states_its_own_length() {
+        let (head, framing) = encoded(response(401, &[], full("{\"error\":1}")), true, false);
+        assert_eq!(framing, Framing::Nothing);
+        assert!(head.contains("content-length: 11\r\n"), "{head}");
+        let (head, _) = encoded(response(200, &[], full("")), true, false);
+        assert!(!head.contains("content-length"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_while_the_body_stalls_ends_the_exchange() {
+        let (mut client, mut proxy) = tokio::io::duplex(1024);
+        let stalled = StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let writing = tokio::spawn(async move {
+            let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n".to_vec();
+            write_response(
+                &mut proxy,
+                &mut BytesMut::new(),
+                &mut out,
+                stalled,
+                Framing::Length(9),
+            )
+            .await
+        });
+        let mut head = [0u8; 38];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut head)
+            .await
+            .unwrap();
+        drop(client);
+        let done = tokio::time::timeout(std::time::Duration::from_secs(5), writing)
+            .await
+            .expect("the exchange outlived its client")
+            .unwrap();
+        assert!(matches!(done, Err(WriteError::Io(_))), "{done:?}");
+    }
+
+    #[test]
     fn a_malformed_stated_length_without_the_body_s_own_is_an_error() {
         let (parts, _) = response(200, &[("content-length", "ten")], full("")).into_parts();
         let mut out = Vec::new();
@@ -655,11 +776,49 @@ mod tests {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let mut wire = Vec::new();
+        let mut client = Client(Vec::new());
         let mut out = b"HEAD\r\n".to_vec();
-        let done = write_response(&mut wire, &mut out, body, framing).await;
+        let done = write_response(&mut client, &mut BytesMut::new(), &mut out, body, framing).await;
         assert!(done.is_err() || out.is_empty(), "out not drained");
-        (wire, done)
+        (client.0, done)
+    }
+
+    /// A client that takes every byte written and sends nothing.
+    struct Client(Vec<u8>);
+
+    impl AsyncRead for Client {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Client {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
 
     #[tokio::test]

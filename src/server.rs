@@ -593,9 +593,12 @@ where
     let mut draining = *shutdown.borrow();
     let for_hyper = |io: Watched<TcpStream>, buf: BytesMut| {
         let (stream, unread) = io.into_parts();
-        let mut read = buf;
+        // Copied at its size: hyper keeps the prefix as long as it serves the
+        // connection, and the read buffer may be far larger than what it holds.
+        let mut read = Vec::with_capacity(buf.len() + unread.len());
+        read.extend_from_slice(&buf);
         read.extend_from_slice(&unread);
-        Own::Hyper(stream, read.freeze())
+        Own::Hyper(stream, Bytes::from(read))
     };
     loop {
         let (parts, close) = loop {
@@ -604,9 +607,13 @@ where
                 Head::Partial if buf.len() <= MAX_HEAD_BYTES => {}
                 Head::Partial | Head::Hyper => return for_hyper(io, buf),
             }
-            if draining && buf.iter().all(|b| *b == b'\r' || *b == b'\n') {
-                // No request under way: the drain closes the connection now, as hyper's does.
-                return Own::Closed;
+            if buf.iter().all(|b| *b == b'\r' || *b == b'\n') {
+                // Stray line ends between requests (RFC 9112 §2.2): nothing under way,
+                // so the connection may park, or close now in a drain as hyper's does.
+                buf.clear();
+                if draining && !io.has_prefix() {
+                    return Own::Closed;
+                }
             }
             buf.reserve(READ_SIZE);
             tokio::select! {
@@ -657,10 +664,13 @@ where
         };
         let Ok(resp) = resp;
         let (resp, body) = resp.into_parts();
-        let close = close || draining || *shutdown.borrow();
+        let mut close = close || draining || *shutdown.borrow();
         let written =
             match h1_server::encode_head(&resp, body.size_hint(), head_request, close, &mut out) {
-                Ok(framing) => h1_server::write_response(&mut io, &mut out, body, framing).await,
+                Ok(head) => {
+                    close = head.close;
+                    h1_server::write_response(&mut io, &mut buf, &mut out, body, head.framing).await
+                }
                 Err(e) => Err(e),
             };
         if let Err(e) = written {

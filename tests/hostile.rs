@@ -1289,14 +1289,23 @@ async fn pipelined_requests_with_and_without_bodies_are_answered_in_order_on_one
     assert_eq!(body_of(&posted), b"hello");
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_mid_request_frees_the_exchange() {
-    // A slow upstream; the client gives up and closes: the in-flight gauge comes back down.
+/// A client that gives up on a slow upstream and closes: the in-flight gauge comes
+/// back down, whether it left before the response head (`partial: None`) or while
+/// the body stalled after its first bytes.
+async fn client_leaves(partial: Option<&'static [u8]>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+        while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
+                if let Some(first) = partial {
+                    let mut head = [0u8; 4096];
+                    let _ = s.read(&mut head).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+                        .await;
+                    let _ = s.write_all(first).await;
+                }
                 tokio::time::sleep(LIMIT).await;
                 drop(s);
             });
@@ -1324,6 +1333,19 @@ async fn a_client_that_leaves_mid_request_frees_the_exchange() {
         assert!(waited < 100, "the request never went in flight");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if let Some(first) = partial {
+        // The head and the first bytes of the body came through before the stall.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(first) {
+            let n = tokio::time::timeout(LIMIT, s.read(&mut chunk))
+                .await
+                .expect("the body's first bytes arrive")
+                .unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
     drop(s);
     let mut waited = 0;
     while in_flight().await != Some(0.0) {
@@ -1331,4 +1353,14 @@ async fn a_client_that_leaves_mid_request_frees_the_exchange() {
         assert!(waited < 100, "the exchange outlived its client");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_frees_the_exchange() {
+    client_leaves(None).await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_body_stalls_frees_the_exchange() {
+    client_leaves(Some(b"partial")).await;
 }
