@@ -591,6 +591,11 @@ where
     let timer = tokio::time::sleep(period.min(PARK_AFTER));
     tokio::pin!(timer);
     let mut draining = *shutdown.borrow();
+    // One wait for the drain for the whole stretch, not one per request: each new
+    // `changed()` future registers with the channel's waiter list (a lock) and
+    // leaves it again when dropped.
+    let mut watch = shutdown.clone();
+    let mut drain = std::pin::pin!(watch.changed());
     let for_hyper = |io: Watched<TcpStream>, buf: BytesMut| {
         let (stream, unread) = io.into_parts();
         // Copied at its size: hyper keeps the prefix as long as it serves the
@@ -622,7 +627,7 @@ where
                     Ok(0) | Err(_) => return Own::Closed,
                     Ok(_) => {}
                 },
-                _ = shutdown.changed(), if !draining => draining = true,
+                _ = &mut drain, if !draining => draining = true,
                 _ = &mut timer => {
                     match check_limits(conn, settings, !draining) {
                         Limits::HeadOverdue | Limits::Idle => return Own::Closed,
