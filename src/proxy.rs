@@ -232,7 +232,7 @@ async fn journey(
                 }
                 _ => Bytes::new(),
             };
-            upstream.send_held(ctx, parts, body, &token).await?
+            upstream.send_held(ctx, &mut parts, body, &token).await?
         }
     };
     Ok((
@@ -259,7 +259,8 @@ impl Upstream<'_> {
     async fn send_held(
         &self,
         ctx: &mut RequestCtx,
-        mut parts: Parts,
+        // Borrowed: an async fn holds an argument taken by value twice.
+        parts: &mut Parts,
         body: Bytes,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
@@ -267,7 +268,7 @@ impl Upstream<'_> {
         // A loop, so that one `send` future serves both tries.
         loop {
             let out = Outgoing::Held {
-                parts: &parts,
+                parts,
                 body: &body,
             };
             let answer = self.send(ctx, out).await?;
@@ -298,7 +299,10 @@ impl Upstream<'_> {
         token: Arc<Token>,
     ) -> Result<Answer, ProxyError> {
         let answer = self
-            .send(ctx, Outgoing::Streamed(Request::from_parts(parts, body)))
+            .send(
+                ctx,
+                Outgoing::Streamed(Box::new(Request::from_parts(parts, body))),
+            )
             .await?;
         if answer.0.status() == StatusCode::UNAUTHORIZED {
             let manager = self.cred.manager.clone();
