@@ -129,7 +129,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let exchange = ExchangeGuard::new(&conn);
     let snap = shared.snapshot.load_full();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut ctx = RequestCtx {
         request_id: request_id(&parts.headers),
         start: Instant::now(),
@@ -141,7 +141,7 @@ pub async fn handle(
         token_fingerprint: None,
         upstream_request_id: None,
     };
-    let resp = match journey(&snap, &shared.metrics, &conn, &mut ctx, parts, body).await {
+    let resp = match journey(&snap, &shared.metrics, &conn, &mut ctx, &mut parts, body).await {
         // One box for all the guards the response body carries.
         Ok((resp, guards)) => resp.map(|b| b.with_guard((guards, exchange))),
         Err(e) => {
@@ -166,10 +166,11 @@ async fn journey(
     metrics: &Metrics,
     conn: &ConnInfo,
     ctx: &mut RequestCtx,
-    mut parts: Parts,
+    // Borrowed: an async fn holds an argument taken by value twice.
+    parts: &mut Parts,
     body: ClientBody,
 ) -> Result<(Response<ProxyBody>, JourneyGuards), ProxyError> {
-    refuse_unsafe_target(&parts)?;
+    refuse_unsafe_target(parts)?;
     if !snap.access.source_allowed(conn.peer.ip()) {
         metrics
             .auth_failures
@@ -184,7 +185,7 @@ async fn journey(
         .clone();
     ctx.route = Some(route.clone());
     let inflight = GaugeGuard::new(&route.inflight);
-    let (client, held) = admit(snap, metrics, &route, &parts, body, ctx).await?;
+    let (client, held) = admit(snap, metrics, &route, parts, body, ctx).await?;
     let cred = snap
         .credentials
         .get(&route.config.credential)
@@ -207,7 +208,7 @@ async fn journey(
         Held::Form(b) => Some(b.len()),
         _ => None,
     };
-    rewrite_request(&mut parts, &route, &cred, &token, ctx, form_len);
+    rewrite_request(parts, &route, &cred, &token, ctx, form_len);
     let chargeback = snap.chargeback.get(metrics, route.name(), &client.name);
     let counter = chargeback.request_bytes.clone();
     let upstream = Upstream {
@@ -222,6 +223,7 @@ async fn journey(
         Held::Stream(body) => {
             let body = streamed(body, Some(counter)).without_trailers();
             // Boxed: every request's future would otherwise carry the rarer path's state.
+            let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
             Box::pin(upstream.send_streamed(ctx, parts, body, token)).await?
         }
         held => {
@@ -232,7 +234,7 @@ async fn journey(
                 }
                 _ => Bytes::new(),
             };
-            upstream.send_held(ctx, &mut parts, body, &token).await?
+            upstream.send_held(ctx, parts, body, &token).await?
         }
     };
     Ok((
@@ -267,10 +269,7 @@ impl Upstream<'_> {
         let mut renewed = false;
         // A loop, so that one `send` future serves both tries.
         loop {
-            let out = Outgoing::Held {
-                parts,
-                body: &body,
-            };
+            let out = Outgoing::Held { parts, body: &body };
             let answer = self.send(ctx, out).await?;
             if renewed || answer.0.status() != StatusCode::UNAUTHORIZED {
                 return Ok(answer);
