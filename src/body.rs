@@ -68,12 +68,6 @@ pub enum ClientBody {
     Empty,
 }
 
-impl From<Incoming> for ClientBody {
-    fn from(body: Incoming) -> Self {
-        ClientBody::Incoming(body)
-    }
-}
-
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -15,6 +15,7 @@
 //! upstream cannot make one response run into the next.
 
 use crate::body::BoxError;
+use crate::rewrite::list_elements;
 use crate::upstream::Home;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -351,8 +352,7 @@ impl Framing {
         // One pass over the fields, comparing names: no hash lookups.
         for (name, value) in &parts.headers {
             if name == CONNECTION {
-                for token in value.as_bytes().split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in list_elements(value.as_bytes()) {
                     close |= token.eq_ignore_ascii_case(b"close");
                     keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
                 }

@@ -10,6 +10,7 @@
 //! so do hyper's automatic 400/414/431 answers.
 
 use crate::body::BoxError;
+use crate::rewrite::list_elements;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -97,8 +98,7 @@ pub fn parse_request(buf: &mut BytesMut, headers: &mut HeaderMap, scratch: &mut 
             repeated || h.value != b"0"
         } else if name.eq_ignore_ascii_case(b"connection") {
             let mut upgrade = false;
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
+            for token in list_elements(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 upgrade |= token.eq_ignore_ascii_case(b"upgrade");
             }
@@ -233,10 +233,7 @@ pub fn encode_head(
             continue;
         }
         if name == CONNECTION {
-            says_close |= value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            says_close |= list_elements(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
         dated |= name == DATE;
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
@@ -246,11 +243,7 @@ pub fn encode_head(
     } else if head_request {
         // No length given: the body's own, as hyper states it (a refusal answering a HEAD).
         if let (None, Some(n @ 1..)) = (declared, size.exact()) {
-            push_field(
-                out,
-                b"content-length",
-                itoa::Buffer::new().format(n).as_bytes(),
-            );
+            push_length(out, n);
         }
         Framing::Nothing
     } else {
@@ -267,11 +260,7 @@ pub fn encode_head(
         };
         match length {
             Some(n) => {
-                push_field(
-                    out,
-                    b"content-length",
-                    itoa::Buffer::new().format(n).as_bytes(),
-                );
+                push_length(out, n);
                 Framing::Length(n)
             }
             None => {
@@ -298,6 +287,14 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+fn push_length(out: &mut Vec<u8>, n: u64) {
+    push_field(
+        out,
+        b"content-length",
+        itoa::Buffer::new().format(n).as_bytes(),
+    );
 }
 
 /// Writes a chunk-size line.

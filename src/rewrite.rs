@@ -88,6 +88,12 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
     }
 }
 
+/// The elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed; split
+/// on the raw bytes, so one non-ASCII byte cannot hide the elements beside it.
+pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// Removes the headers named in `Connection` (not `Connection` itself).
 fn remove_connection_named(headers: &mut HeaderMap) {
     // Each `Connection` value is cloned (a reference count) and its names removed by
@@ -100,10 +106,8 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     // Nearly every upstream response says just `Connection: keep-alive`, which
     // names a hop-by-hop header removed anyway: nothing to look up or copy.
     let second = values.next();
-    let only_keep_alive = first
-        .as_bytes()
-        .split(|b| *b == b',')
-        .all(|name| name.trim_ascii().eq_ignore_ascii_case(b"keep-alive"));
+    let only_keep_alive =
+        list_elements(first.as_bytes()).all(|name| name.eq_ignore_ascii_case(b"keep-alive"));
     if second.is_none() && only_keep_alive {
         return;
     }
@@ -111,9 +115,8 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     // Usually the only one: the rest are collected (allocating) only when there are more.
     let rest: Vec<_> = second.into_iter().chain(values).cloned().collect();
     for value in std::iter::once(first).chain(rest) {
-        // Split the raw bytes: one non-ASCII byte must not hide the names beside it.
-        for name in value.as_bytes().split(|b| *b == b',') {
-            let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
+        for name in list_elements(value.as_bytes()) {
+            let Ok(name) = std::str::from_utf8(name) else {
                 continue;
             };
             // `Connection` itself goes last, with the hop-by-hop ones: removing it now

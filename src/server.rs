@@ -637,14 +637,12 @@ where
                     if !draining {
                         let may_park = buf.is_empty() && conn.at_rest();
                         match park_check(may_park, conn.idle_for()) {
-                            None => match io.into_parts() {
-                                (stream, unread) if unread.is_empty() => {
-                                    tracing::trace!(peer = %conn.peer, "parking");
-                                    return Own::Park(stream);
-                                }
-                                // Not read yet: the next read takes it.
-                                (stream, unread) => io = Watched::with_prefix(stream, conn.clone(), unread),
-                            },
+                            None if !io.has_prefix() => {
+                                tracing::trace!(peer = %conn.peer, "parking");
+                                return Own::Park(io.into_parts().0);
+                            }
+                            // Bytes not read yet: the next read takes them.
+                            None => {}
                             Some(again) => next = next.min(again),
                         }
                     }
