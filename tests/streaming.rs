@@ -213,6 +213,92 @@ async fn http2_prior_knowledge_works() {
     conn_task.abort();
 }
 
+/// One HTTP/2 frame: its type, flags, stream and payload.
+async fn read_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.expect("frame head");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.expect("frame payload");
+    (head[3], head[4], stream, payload)
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A request id never repeats, so the h2 server sends it as a never-indexed literal
+/// (RFC 7541 §6.2.3): indexed, every response would add an entry to the connection's
+/// HPACK table that is never used again, evicting the ones that are, and the encoder
+/// would search a growing chain of old ids for each response.
+#[tokio::test]
+async fn http2_request_ids_are_sent_never_indexed() {
+    use httlib_hpack::{Decoder, Encoder};
+    const HEADERS: u8 = 0x1;
+    const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
+    let h = Harness::start().await;
+    h.ready().await;
+    let mut s = TcpStream::connect(h.server.proxy_addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[])); // SETTINGS, all defaults
+    s.write_all(&hello).await.unwrap();
+
+    let authority = h.server.proxy_addr.to_string();
+    let mut encoder = Encoder::default();
+    let mut decoder = Decoder::default();
+    let mut ids = Vec::new();
+    for stream in [1u32, 3, 5] {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", authority.as_str()),
+            (":path", "/workfront/attask/api/v19.0/proj/search"),
+            ("x-proxy-key", KEY),
+        ] {
+            let field = (name.as_bytes().to_vec(), value.as_bytes().to_vec(), 0x0);
+            encoder.encode(field, &mut block).unwrap();
+        }
+        s.write_all(&frame(HEADERS, END_STREAM_AND_HEADERS, stream, &block))
+            .await
+            .unwrap();
+        // The response's head; SETTINGS, WINDOW_UPDATE and the earlier bodies pass by.
+        let mut head = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (kind, _, on, payload) = read_frame(&mut s).await;
+                if kind == HEADERS && on == stream {
+                    break payload;
+                }
+            }
+        })
+        .await
+        .expect("a response head within 10 s");
+        let mut fields = Vec::new();
+        decoder.decode(&mut head, &mut fields).expect("valid HPACK");
+        let status = fields.iter().find(|(n, _, _)| n == b":status");
+        assert_eq!(status.map(|f| f.1.as_slice()), Some(&b"200"[..]));
+        let (_, id, flags) = fields
+            .into_iter()
+            .find(|(n, _, _)| n == b"x-request-id")
+            .expect("x-request-id on every response");
+        assert_ne!(
+            flags & Decoder::NEVER_INDEXED,
+            0,
+            "id sent with flags {flags:#x}"
+        );
+        assert_eq!(flags & Decoder::WITH_INDEXING, 0);
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three distinct ids");
+}
+
 /// True when a new connection to `addr` is refused, or accepted and closed without an answer.
 async fn refused_or_closed(addr: SocketAddr) -> bool {
     let Ok(Ok(mut s)) =
