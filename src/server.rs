@@ -735,8 +735,11 @@ where
     B::Error: Into<BoxError>,
 {
     let c = conn.clone();
+    // Boxed: HTTP/2 spawns each stream's future as a task of its own, and a future
+    // of the handler's size (2 KiB) would be copied whole at every step of the way
+    // there (the stream's state, hyper's executor, the task's cell).
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        handler(c.clone(), req.map(ClientBody::Incoming))
+        Box::pin(handler(c.clone(), req.map(ClientBody::Incoming)))
     });
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
@@ -873,8 +876,11 @@ async fn serve_connection<I, F, Fut, B>(
     B::Error: Into<BoxError>,
 {
     let c = conn.clone();
+    // Boxed: HTTP/2 spawns each stream's future as a task of its own, and a future
+    // of the handler's size (2 KiB) would be copied whole at every step of the way
+    // there (the stream's state, hyper's executor, the task's cell).
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        handler(c.clone(), req.map(ClientBody::Incoming))
+        Box::pin(handler(c.clone(), req.map(ClientBody::Incoming)))
     });
     let connection = settings
         .builder
