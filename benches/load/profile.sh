@@ -14,7 +14,8 @@
 # Knobs: REQUESTS=20000 (callgrind), N1=2000 N2=12000 (dhat), CONNS=8, ACCESS_LOG=on,
 #        SWAP=0 (1: tokens live 2 s, so the proxy swaps its token about once a second;
 #        the summary says how many tokens were issued while the requests ran),
-#        DHAT=1 (0: callgrind only),
+#        DHAT=1 (0: callgrind only), H2=0 (1: the client speaks h2c, CONNS connections
+#        with 4 streams each),
 #        IMS_PROXY_BIN, OHA, OUT=target/load-bench/profile, BASE_PORT=18100
 set -euo pipefail
 
@@ -25,6 +26,7 @@ CONNS=${CONNS:-8}
 ACCESS_LOG=${ACCESS_LOG:-on}
 SWAP=${SWAP:-0}
 DHAT=${DHAT:-1}
+H2=${H2:-0}
 BASE_PORT=${BASE_PORT:-18100}
 OUT=${OUT:-target/load-bench/profile}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
@@ -82,7 +84,9 @@ wait_ok() { # url, 60 s (valgrind starts slowly)
     exit 1
 }
 URL="http://127.0.0.1:$PX/bench/api/v1/items"
-load() { "$OHA" --no-tui --output-format quiet -n "$1" -c "$CONNS" -H "x-proxy-key: $KEY" "$URL" >/dev/null; }
+H2_ARGS=()
+[[ $H2 == 1 ]] && H2_ARGS=(--http2 -p 4)
+load() { "$OHA" --no-tui --output-format quiet -n "$1" -c "$CONNS" "${H2_ARGS[@]}" -H "x-proxy-key: $KEY" "$URL" >/dev/null; }
 stop_proxy() { # pid: SIGTERM, wait up to 60 s
     kill -TERM "$1"
     for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
