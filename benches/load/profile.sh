@@ -16,6 +16,9 @@
 #        the summary says how many tokens were issued while the requests ran),
 #        DHAT=1 (0: callgrind only), H2=0 (1: the client speaks h2c, CONNS connections
 #        with 4 streams each),
+#        PROXY=ims (nginx: count the instructions of load.sh's nginx proxy instead, one
+#        worker with no master process, doing the same job on the same load; callgrind
+#        only: its allocations are pooled per request and say little),
 #        IMS_PROXY_BIN, OHA, OUT=target/load-bench/profile, BASE_PORT=18100
 set -euo pipefail
 
@@ -27,6 +30,7 @@ ACCESS_LOG=${ACCESS_LOG:-on}
 SWAP=${SWAP:-0}
 DHAT=${DHAT:-1}
 H2=${H2:-0}
+PROXY=${PROXY:-ims}
 BASE_PORT=${BASE_PORT:-18100}
 OUT=${OUT:-target/load-bench/profile}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
@@ -38,13 +42,14 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY no_proxy
 log() { printf '[profile %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
 [[ -x $OHA ]] || { log "needs oha (cargo install oha --locked) or OHA=path"; exit 1; }
-if [[ -z ${IMS_PROXY_BIN:-} ]]; then
+if [[ -z ${IMS_PROXY_BIN:-} && $PROXY != nginx ]]; then
     cargo build --release --bin ims-proxy >&2
     IMS_PROXY_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/ims-proxy"
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 UP_H1=$((BASE_PORT + 1)) UP_H2=$((BASE_PORT + 2)) PX=$((BASE_PORT + 21)) ADMIN=$((BASE_PORT + 22)) STUB=$((BASE_PORT + 41))
+NGX_H2=$((BASE_PORT + 12)) LOAD_PORT=$((BASE_PORT + 21))
 KEY="load-bench-client-key-0123456789"
 WORK=$(mktemp -d /tmp/ims-profile.XXXXXX)
 chmod 755 "$WORK"
@@ -62,12 +67,25 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-KEY_LINE=$(printf %s "$KEY" | "$IMS_PROXY_BIN" hash-key)
+if [[ $PROXY == nginx ]]; then
+    [[ $ACCESS_LOG == on ]] && ACCESS="access_log $WORK/nginx-access.log combined buffer=64k flush=1s;" || ACCESS="access_log off;"
+    sed -e "s|@WORK@|$WORK|g" -e "s|@UP_H1@|$UP_H1|g" -e "s|@NGX_H1@|$PX|g" -e "s|@NGX_H2@|$NGX_H2|g" \
+        -e "s|@KEY@|$KEY|g" -e "s|@TOKEN@|eyJbench.static.$(printf 'x%.0s' $(seq 1000))|g" -e "s|@NOFILE@|4096|g" \
+        -e "s|@PROXY_WORKERS@|1|g" -e "s|@NGINX_ACCESS_LOG@|$ACCESS|g" \
+        "$HERE/nginx-proxy.conf.in" >"$WORK/proxy.conf"
+    PROXY_CMD=("$NGINX" -c "$WORK/proxy.conf" -p "$WORK" -g 'daemon off; master_process off;')
+    # nginx takes h2c on a listener of its own.
+    [[ $H2 == 1 ]] && LOAD_PORT=$NGX_H2
+    DHAT=0
+else
+    KEY_LINE=$(printf %s "$KEY" | "$IMS_PROXY_BIN" hash-key)
+    PROXY_CMD=("$IMS_PROXY_BIN" run --config "$WORK/ims.toml")
+fi
 [[ $SWAP == 1 ]] && TOKEN_PATH=/swap/ims/token/v3 || TOKEN_PATH=/ims/token/v3
 sed -e "s|@WORK@|$WORK|g" -e "s|@UP_H1@|$UP_H1|g" -e "s|@UP_H2@|$UP_H2|g" -e "s|@NOFILE@|4096|g" \
     -e "s|@UPSTREAM_WORKERS@|1|g" "$HERE/nginx-upstream.conf.in" >"$WORK/upstream.conf"
 sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|@TOKEN_PATH@|$TOKEN_PATH|g" \
-    -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|$KEY_LINE|g" -e "s|@PROXY_WORKERS@|2|g" \
+    -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|${KEY_LINE:-}|g" -e "s|@PROXY_WORKERS@|2|g" \
     "$HERE/ims-proxy.toml.in" >"$WORK/ims.toml"
 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon off;' 2>>"$WORK/upstream-error.log" &
 PIDS+=($!)
@@ -84,9 +102,10 @@ wait_ok() { # url, 60 s (valgrind starts slowly)
     exit 1
 }
 URL="http://127.0.0.1:$PX/bench/api/v1/items"
+LOAD_URL="http://127.0.0.1:$LOAD_PORT/bench/api/v1/items"
 H2_ARGS=()
 [[ $H2 == 1 ]] && H2_ARGS=(--http2 -p 4)
-load() { "$OHA" --no-tui --output-format quiet -n "$1" -c "$CONNS" "${H2_ARGS[@]}" -H "x-proxy-key: $KEY" "$URL" >/dev/null; }
+load() { "$OHA" --no-tui --output-format quiet -n "$1" -c "$CONNS" "${H2_ARGS[@]}" -H "x-proxy-key: $KEY" "$LOAD_URL" >/dev/null; }
 stop_proxy() { # pid: SIGTERM, wait up to 60 s
     kill -TERM "$1"
     for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
@@ -95,7 +114,7 @@ stop_proxy() { # pid: SIGTERM, wait up to 60 s
 # --- callgrind: instructions, counted only around the measured requests
 log "callgrind: $REQUESTS requests"
 RUST_LOG=$LEVEL valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
-    "$IMS_PROXY_BIN" run --config "$WORK/ims.toml" 2>"$WORK/callgrind.log" &
+    "${PROXY_CMD[@]}" 2>"$WORK/callgrind.log" &
 VG=$!
 PIDS+=($VG)
 wait_ok "$URL"
