@@ -121,10 +121,8 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Ok(mut v) = HeaderValue::from_str(request_id) {
-            // Never indexed by HPACK, as on proxied responses: an id does not repeat.
-            v.set_sensitive(true);
-            h.insert("x-request-id", v);
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("x-request-id", crate::rewrite::never_indexed(v));
         }
         if matches!(self, ProxyError::Unauthorized { .. }) {
             h.insert(

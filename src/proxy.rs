@@ -82,17 +82,6 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     fresh_request_id()
 }
 
-/// The request id as a field sent on. Marked sensitive, which HTTP/2 encodes as a
-/// never-indexed literal (RFC 7541 §6.2.3): an id never repeats, so indexing it
-/// would only fill the connection's HPACK table with entries never used again,
-/// evicting the ones that are (`server`, `content-type`), and make every response's
-/// encoding search a growing chain of old ids. HTTP/1.1 ignores the mark.
-fn id_field(id: &HeaderValue) -> HeaderValue {
-    let mut field = id.clone();
-    field.set_sensitive(true);
-    field
-}
-
 /// A random per-process prefix and a counter, 32 hex digits: unique without a
 /// random draw and a `format!` per request. Each thread counts in a range of its
 /// own (2^40 ids wide), so workers do not pass one shared counter back and forth
@@ -628,7 +617,10 @@ fn rewrite_request(
     for (n, v) in &c.headers {
         h.insert(n, v.clone());
     }
-    h.insert(&X_REQUEST_ID, id_field(&ctx.request_id));
+    h.insert(
+        &X_REQUEST_ID,
+        rewrite::never_indexed(ctx.request_id.clone()),
+    );
     h.insert(header::HOST, route.host.clone());
     h.append(header::VIA, VIA_VALUE.clone());
     if let Some(n) = form_len {
@@ -671,9 +663,10 @@ fn stream_back(
     // The upstream may have answered over HTTP/2; the client's connection decides the framing.
     parts.version = Version::HTTP_11;
     rewrite::strip_response_headers(&mut parts.headers, route.config.pass_cookies);
-    parts
-        .headers
-        .insert(&X_REQUEST_ID, id_field(&ctx.request_id));
+    parts.headers.insert(
+        &X_REQUEST_ID,
+        rewrite::never_indexed(ctx.request_id.clone()),
+    );
     Response::from_parts(
         parts,
         Counted::new(body, Some(chargeback.response_bytes.clone())),

@@ -4,7 +4,7 @@
 //! every parameter that is not a credential reaches the upstream byte-identical.
 
 use bytes::Bytes;
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderValue};
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
 
@@ -86,6 +86,16 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
             return;
         }
     }
+}
+
+/// A field value HTTP/2 sends as a never-indexed literal (RFC 7541 §6.2.3), for the
+/// request id: an id never repeats, so indexing it would only fill the connection's
+/// HPACK table with entries never used again, evicting the ones that are (`server`,
+/// `content-type`), and make every response's encoding search a growing chain of old
+/// ids. HTTP/1.1 ignores the mark.
+pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// The elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed; split
@@ -364,7 +374,7 @@ pub fn redacted_target<'a>(path: &'a str, query: Option<&str>) -> Cow<'a, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
+    use http::HeaderName;
 
     /// The dot-segment check as it was before segments without `%` skipped the copy.
     fn has_dot_segment_reference(path: &str) -> bool {
