@@ -19,6 +19,9 @@
 #        PROXY=ims (nginx: count the instructions of load.sh's nginx proxy instead, one
 #        worker with no master process, doing the same job on the same load; callgrind
 #        only: its allocations are pooled per request and say little),
+#        CACHE=0 (1: callgrind also simulates the caches, a 32 KiB L1 and a 1 MiB
+#        last level like one core's L2 here, and the summary gives the data misses
+#        per request: how much of the working set falls out of cache as CONNS grows),
 #        IMS_PROXY_BIN, OHA, OUT=target/load-bench/profile, BASE_PORT=18100
 set -euo pipefail
 
@@ -31,6 +34,7 @@ SWAP=${SWAP:-0}
 DHAT=${DHAT:-1}
 H2=${H2:-0}
 PROXY=${PROXY:-ims}
+CACHE=${CACHE:-0}
 BASE_PORT=${BASE_PORT:-18100}
 OUT=${OUT:-target/load-bench/profile}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
@@ -113,7 +117,9 @@ stop_proxy() { # pid: SIGTERM, wait up to 60 s
 
 # --- callgrind: instructions, counted only around the measured requests
 log "callgrind: $REQUESTS requests"
-RUST_LOG=$LEVEL valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
+CACHE_ARGS=()
+[[ $CACHE == 1 ]] && CACHE_ARGS=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=1048576,8,64)
+RUST_LOG=$LEVEL valgrind --tool=callgrind "${CACHE_ARGS[@]}" --callgrind-out-file="$WORK/callgrind.out" \
     "${PROXY_CMD[@]}" 2>"$WORK/callgrind.log" &
 VG=$!
 PIDS+=($VG)
@@ -135,6 +141,11 @@ callgrind_annotate "$OUT/callgrind.out" >"$OUT/callgrind-self.txt" 2>/dev/null |
 total=$(awk '/^summary:|^totals:/ { gsub(",", "", $2); print $2; exit }' "$OUT/callgrind.out")
 log "callgrind: $total instructions, $((total / REQUESTS)) per request, $issued tokens issued meanwhile"
 echo "requests $REQUESTS instructions $total per_request $((total / REQUESTS)) tokens_issued $issued" >"$OUT/callgrind-summary.txt"
+if [[ $CACHE == 1 ]]; then # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+    awk -v n="$REQUESTS" '/^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+        /^summary:|^totals:/ { line = ""; for (i = 2; i <= NF; i++) line = line sprintf(" %s %.1f", name[i], $i / n)
+            print "per request:" line; exit }' "$OUT/callgrind.out" | tee -a "$OUT/callgrind-summary.txt"
+fi
 if [[ $DHAT != 1 ]]; then
     log "profile in $OUT (no dhat)"
     exit 0
