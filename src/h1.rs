@@ -15,6 +15,7 @@
 //! upstream cannot make one response run into the next.
 
 use crate::body::BoxError;
+use crate::recycle;
 use crate::rewrite::list_elements;
 use crate::upstream::Home;
 use bytes::{Buf, Bytes, BytesMut};
@@ -54,8 +55,6 @@ pub struct Conn {
     io: Box<dyn Io>,
     /// Bytes read and not used yet.
     buf: BytesMut,
-    /// The request head being written; kept for its capacity.
-    out: Vec<u8>,
     read_size: usize,
     /// Where each field of the response head being parsed sits (scratch room).
     fields: Vec<[usize; 4]>,
@@ -90,7 +89,6 @@ impl Conn {
         Conn {
             io: Box::new(io),
             buf: BytesMut::new(),
-            out: Vec::new(),
             read_size: MIN_READ,
             fields: Vec::new(),
             timer: None,
@@ -128,14 +126,12 @@ impl Conn {
             Some(timer) => timer.as_mut().reset(deadline),
             None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
-        encode_head(req, body.len(), &mut self.out);
-        self.out.extend_from_slice(body);
-        // Written out, `out` is empty again.
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
-        if self.out.capacity() > MIN_READ {
-            // A form went out: an idle connection keeps no more than a head's worth.
-            self.out = Vec::new();
-        }
+        let mut out = recycle::take_room();
+        encode_head(req, body.len(), &mut out);
+        out.extend_from_slice(body);
+        let written = std::future::poll_fn(|cx| self.poll_write_out(cx, &mut out)).await;
+        recycle::give_room(out);
+        written?;
         let mut parts = self.read_head().await?;
         let framing = Framing::of(req.method == Method::HEAD, &parts)?;
         if let State::Chunked(_) | State::UntilClose = framing.body {
@@ -146,15 +142,19 @@ impl Conn {
     }
 
     /// Writes all of `out` and flushes it, unless the deadline comes first.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
+    fn poll_write_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<u8>,
+    ) -> Poll<Result<(), ExchangeError>> {
         let mut io = Pin::new(&mut *self.io);
         let written = loop {
-            if self.out.is_empty() {
+            if out.is_empty() {
                 break io.as_mut().poll_flush(cx);
             }
-            match io.as_mut().poll_write(cx, &self.out) {
+            match io.as_mut().poll_write(cx, out) {
                 Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => drop(self.out.drain(..n)),
+                Poll::Ready(Ok(n)) => drop(out.drain(..n)),
                 Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
                 Poll::Pending => break Poll::Pending,
             }
@@ -315,9 +315,8 @@ fn parse_head(
         [name, name + h.name.len(), value, value + h.value.len()]
     }));
     let head = buf.split_to(len).freeze();
-    // Room for the headers the proxy adds, and for the next request's: hyper's server
-    // keeps the response's map to parse the connection's next request head into.
-    let mut map = HeaderMap::with_capacity(fields.len() + 8);
+    // Room for the headers the proxy adds.
+    let mut map = recycle::take_map(fields.len() + 8);
     for &[ns, ne, vs, ve] in fields.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| ExchangeError::Invalid("malformed header name"))?;

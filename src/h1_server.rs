@@ -13,7 +13,7 @@ use crate::body::BoxError;
 use crate::rewrite::list_elements;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use http::{request, response, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http::{request, response, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use http_body::{Body, SizeHint};
 use std::cell::RefCell;
 use std::io;
@@ -58,10 +58,9 @@ pub struct Scratch {
 }
 
 /// Parses the request head at the start of `buf`. A request this server takes is
-/// removed from `buf`, its fields put in `headers` (emptied first; a map kept from
-/// the last exchange saves allocating one). Leading empty lines are skipped, as
-/// RFC 9112 §2.2 allows.
-pub fn parse_request(buf: &mut BytesMut, headers: &mut HeaderMap, scratch: &mut Scratch) -> Head {
+/// removed from `buf`, its fields put in a map from [`crate::recycle::take_map`].
+/// Leading empty lines are skipped, as RFC 9112 §2.2 allows.
+pub fn parse_request(buf: &mut BytesMut, scratch: &mut Scratch) -> Head {
     // Uninitialised: zeroing 100 fields for every request cost more than parsing it.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -121,8 +120,7 @@ pub fn parse_request(buf: &mut BytesMut, headers: &mut HeaderMap, scratch: &mut 
         [name, name + h.name.len(), value, value + h.value.len()]
     }));
     let head = buf.split_to(len).freeze();
-    headers.clear();
-    headers.reserve(scratch.fields.len() + 8);
+    let mut headers = crate::recycle::take_map(scratch.fields.len() + 8);
     let mut parsed = Uri::from_maybe_shared(head.slice(target)).ok();
     for &[ns, ne, vs, ve] in &scratch.fields {
         match (
@@ -144,7 +142,7 @@ pub fn parse_request(buf: &mut BytesMut, headers: &mut HeaderMap, scratch: &mut 
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
-    parts.headers = std::mem::take(headers);
+    parts.headers = headers;
     Head::Ours { parts, close }
 }
 
@@ -445,7 +443,7 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let head = parse_request(&mut buf, &mut HeaderMap::new(), &mut Scratch::default());
+        let head = parse_request(&mut buf, &mut Scratch::default());
         (head, buf)
     }
 
@@ -467,14 +465,30 @@ mod tests {
     }
 
     #[test]
+    fn a_recycled_map_carries_nothing_into_the_next_request() {
+        let (Head::Ours { parts, .. }, _) =
+            parse(b"GET /a HTTP/1.1\r\nX-Proxy-Key: k1\r\nCookie: c\r\n\r\n")
+        else {
+            panic!("first request not taken");
+        };
+        crate::recycle::give_map(parts.headers);
+        let (Head::Ours { parts, .. }, _) = parse(b"GET /b HTTP/1.1\r\nAccept: */*\r\n\r\n") else {
+            panic!("second request not taken");
+        };
+        assert_eq!(parts.headers.len(), 1, "{:?}", parts.headers);
+        assert!(parts.headers.get("x-proxy-key").is_none());
+        assert!(parts.headers.get("cookie").is_none());
+    }
+
+    #[test]
     fn a_head_arriving_in_pieces_is_partial_until_it_is_whole() {
         let wire =
             b"DELETE /x HTTP/1.1\r\nContent-Length: 0\r\nConnection: keep-alive, Close\r\n\r\n";
         let mut buf = BytesMut::new();
-        let (mut map, mut scratch) = (HeaderMap::new(), Scratch::default());
+        let mut scratch = Scratch::default();
         for (i, b) in wire.iter().enumerate() {
             buf.extend_from_slice(&[*b]);
-            match parse_request(&mut buf, &mut map, &mut scratch) {
+            match parse_request(&mut buf, &mut scratch) {
                 Head::Partial => assert!(i + 1 < wire.len(), "whole head still partial"),
                 Head::Ours { parts, close } => {
                     assert_eq!(i + 1, wire.len());

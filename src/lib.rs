@@ -16,6 +16,7 @@ pub mod ims;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod recycle;
 pub mod rewrite;
 pub mod route;
 pub mod secret;

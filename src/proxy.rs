@@ -6,6 +6,7 @@ use crate::body::{full, streamed, AnyBody, ClientBody, Counted, ProxyBody};
 use crate::conn::{ConnInfo, ExchangeGuard};
 use crate::error::ProxyError;
 use crate::metrics::{Chargeback, Metrics};
+use crate::recycle;
 use crate::rewrite::{self, has_dot_segment, is_form, redacted_target, scrub_form, scrub_query};
 use crate::route::Route;
 use crate::slots::{Slot, TimedOut};
@@ -141,7 +142,10 @@ pub async fn handle(
         token_fingerprint: None,
         upstream_request_id: None,
     };
-    let resp = match journey(&snap, &shared.metrics, &conn, &mut ctx, &mut parts, body).await {
+    let journey = journey(&snap, &shared.metrics, &conn, &mut ctx, &mut parts, body).await;
+    // The request's map holds a later head's fields on this thread.
+    recycle::give_map(std::mem::take(&mut parts.headers));
+    let resp = match journey {
         // One box for all the guards the response body carries.
         Ok((resp, guards)) => resp.map(|b| b.with_guard((guards, exchange))),
         Err(e) => {

@@ -13,7 +13,7 @@ use crate::state::Shared;
 use crate::workers::{Balance, Handoff, OpenGuard, Workers};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Response};
+use http::{Method, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -584,8 +584,6 @@ where
 {
     let mut io = Watched::with_prefix(stream, conn.clone(), carried);
     let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    let mut spare = HeaderMap::new();
     let mut scratch = h1_server::Scratch::default();
     let period = limits_period(settings);
     let timer = tokio::time::sleep(period.min(PARK_AFTER));
@@ -607,7 +605,7 @@ where
     };
     loop {
         let (parts, close) = loop {
-            match h1_server::parse_request(&mut buf, &mut spare, &mut scratch) {
+            match h1_server::parse_request(&mut buf, &mut scratch) {
                 Head::Ours { parts, close } => break (parts, close),
                 Head::Partial if buf.len() <= MAX_HEAD_BYTES => {}
                 Head::Partial | Head::Hyper => return for_hyper(io, buf),
@@ -668,6 +666,7 @@ where
         let Ok(resp) = resp;
         let (resp, body) = resp.into_parts();
         let mut close = close || draining || *shutdown.borrow();
+        let mut out = crate::recycle::take_room();
         let written =
             match h1_server::encode_head(&resp, body.size_hint(), head_request, close, &mut out) {
                 Ok(head) => {
@@ -676,6 +675,7 @@ where
                 }
                 Err(e) => Err(e),
             };
+        crate::recycle::give_room(out);
         if let Err(e) = written {
             tracing::debug!(peer = %conn.peer, error = %e, "response not written whole; closing");
             return Own::Closed;
@@ -684,12 +684,8 @@ where
             let _ = io.shutdown().await;
             return Own::Closed;
         }
-        // The response's map holds the next request's fields.
-        spare = resp.headers;
-        if out.capacity() > 2 * READ_SIZE {
-            // A large body went out: an idle connection keeps no more than a head's room.
-            out = Vec::new();
-        }
+        // The response's map holds a later request's fields on this thread.
+        crate::recycle::give_map(resp.headers);
     }
 }
 
