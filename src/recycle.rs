@@ -1,5 +1,5 @@
-//! Per-thread recycling of the memory heads are built in: header maps and the
-//! room a head is written from.
+//! Per-thread recycling of the memory a request is served in: header maps, the
+//! room a head is written from, and the home of the request's future.
 //!
 //! Kept per thread rather than per connection: with a few hundred connections,
 //! what each one kept from its last request was cold by its next, and touching
@@ -8,7 +8,11 @@
 //! still in cache when the next head on that thread takes it.
 
 use http::HeaderMap;
+use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// The largest room [`give_room`] keeps: a head's, not a body's.
 const MAX_ROOM: usize = 16 * 1024;
@@ -16,6 +20,8 @@ const MAX_ROOM: usize = 16 * 1024;
 const POOLED_MAPS: usize = 32;
 /// A map with room for more fields than this (an unusual head) is not kept.
 const POOLED_MAP_ROOM: usize = 128;
+/// Empty homes kept per thread for each type of future, at most this many.
+const POOLED_SLOTS: usize = 64;
 
 thread_local! {
     /// Room for the head being written (a request's upstream, a response's to the
@@ -23,7 +29,13 @@ thread_local! {
     static HEAD_ROOM: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     /// Emptied header maps, the most recently emptied last.
     static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    /// Empty homes of futures: one `Vec<Home<F>>` per type `F`, the most recently
+    /// emptied last.
+    static HOMES: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
 }
+
+/// A pinned home for one future at a time.
+type Home<F> = Pin<Box<Option<F>>>;
 
 /// Room for a head to be written: the one this thread gave back last, if any.
 pub fn take_room() -> Vec<u8> {
@@ -62,6 +74,69 @@ pub fn give_map(mut map: HeaderMap) {
             m.push(map);
         }
     });
+}
+
+/// A future in a home of its own that goes back to this thread's stack when the
+/// future is done or dropped, so the next one is written into memory still in
+/// cache. A request's future is a few KiB written and read once per request; kept
+/// inside each connection's task it was cold every time with a few hundred
+/// connections, and `malloc` does not hand back blocks of that size last-in
+/// first-out.
+pub struct Slot<F: 'static> {
+    home: Option<Home<F>>,
+}
+
+impl<F: 'static> Slot<F> {
+    /// Puts `future` in the home this thread emptied last (or a new one).
+    pub fn new(future: F) -> Slot<F> {
+        let reused = HOMES
+            .try_with(|homes| homes_of::<F>(&mut homes.borrow_mut()).and_then(Vec::pop))
+            .ok()
+            .flatten();
+        let mut home = reused.unwrap_or_else(|| Box::pin(None));
+        home.set(Some(future));
+        Slot { home: Some(home) }
+    }
+}
+
+impl<F: Future + 'static> Future for Slot<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.home.as_mut().and_then(|h| h.as_mut().as_pin_mut()) {
+            Some(future) => future.poll(cx),
+            // Never empty while the slot exists.
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<F: 'static> Drop for Slot<F> {
+    fn drop(&mut self) {
+        let Some(mut home) = self.home.take() else {
+            return;
+        };
+        // Dropped before the stack is borrowed: the future's own drop may recycle too.
+        home.set(None);
+        let _ = HOMES.try_with(|homes| {
+            let mut homes = homes.borrow_mut();
+            if homes_of::<F>(&mut homes).is_none() {
+                homes.push(Box::new(Vec::<Home<F>>::new()));
+            }
+            if let Some(stack) = homes_of::<F>(&mut homes) {
+                if stack.len() < POOLED_SLOTS {
+                    stack.push(home);
+                }
+            }
+        });
+    }
+}
+
+/// This thread's stack of empty homes for futures of type `F`, if it has one.
+fn homes_of<F: 'static>(homes: &mut [Box<dyn Any>]) -> Option<&mut Vec<Home<F>>> {
+    homes
+        .iter_mut()
+        .find_map(|h| h.downcast_mut::<Vec<Home<F>>>())
 }
 
 #[cfg(test)]
@@ -109,4 +184,47 @@ mod tests {
         give_room(vec![0; MAX_ROOM + 1]);
         assert_eq!(take_room().capacity(), 0, "a body's room was kept");
     }
+
+    #[test]
+    fn a_slot_runs_its_future_and_its_home_serves_the_next_one() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct Counted(Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let make = |n: u32| {
+            let guard = Counted(dropped.clone());
+            async move {
+                tokio::task::yield_now().await;
+                drop(guard);
+                n * 2
+            }
+        };
+        let first = Slot::new(make(1));
+        let home = first.home.as_ref().map(|h| &**h as *const _ as usize);
+        assert_eq!(runtime.block_on(first), 2);
+        // Done and dropped: its home went back and the next future of the type moves in.
+        let second = Slot::new(make(2));
+        assert_eq!(
+            second.home.as_ref().map(|h| &**h as *const _ as usize),
+            home
+        );
+        assert_eq!(runtime.block_on(second), 4);
+        // Dropped unfinished: the future is dropped (cancelled) with it.
+        let third = Slot::new(make(3));
+        drop(third);
+        assert_eq!(dropped.load(Ordering::SeqCst), 3);
+        let kept = HOMES.with(|h| homes_of::<Unit>(&mut h.borrow_mut()).map(|v| v.len()));
+        assert_eq!(kept, None, "a stack for a type never used");
+    }
+
+    /// A future type no test puts in a slot.
+    type Unit = std::future::Ready<()>;
 }

@@ -578,7 +578,7 @@ async fn serve_own<F, Fut, B>(
 ) -> Own
 where
     F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut,
-    Fut: Future<Output = Result<Response<B>, Infallible>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + 'static,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
@@ -651,8 +651,8 @@ where
         let head_request = parts.method == Method::HEAD;
         // While the request is served, a client that closes its connection cancels it,
         // as on hyper's path; bytes it sends meanwhile (a pipelined request) are kept.
-        let served = handler(conn.clone(), Request::from_parts(parts, ClientBody::Empty));
-        tokio::pin!(served);
+        let request = Request::from_parts(parts, ClientBody::Empty);
+        let mut served = crate::recycle::Slot::new(handler(conn.clone(), request));
         let resp = loop {
             tokio::select! {
                 biased;
