@@ -87,14 +87,16 @@ pub struct Slot<F: 'static> {
 }
 
 impl<F: 'static> Slot<F> {
-    /// Puts `future` in the home this thread emptied last (or a new one).
-    pub fn new(future: F) -> Slot<F> {
+    /// Puts the future `make` returns in the home this thread emptied last (or a new
+    /// one). A closure rather than the future itself: the future is then built right
+    /// where it is moved from, one copy of its few KiB instead of three.
+    pub fn new(make: impl FnOnce() -> F) -> Slot<F> {
         let reused = HOMES
             .try_with(|homes| homes_of::<F>(&mut homes.borrow_mut()).and_then(Vec::pop))
             .ok()
             .flatten();
         let mut home = reused.unwrap_or_else(|| Box::pin(None));
-        home.set(Some(future));
+        home.set(Some(make()));
         Slot { home: Some(home) }
     }
 }
@@ -207,18 +209,18 @@ mod tests {
                 n * 2
             }
         };
-        let first = Slot::new(make(1));
+        let first = Slot::new(|| make(1));
         let home = first.home.as_ref().map(|h| &**h as *const _ as usize);
         assert_eq!(runtime.block_on(first), 2);
         // Done and dropped: its home went back and the next future of the type moves in.
-        let second = Slot::new(make(2));
+        let second = Slot::new(|| make(2));
         assert_eq!(
             second.home.as_ref().map(|h| &**h as *const _ as usize),
             home
         );
         assert_eq!(runtime.block_on(second), 4);
         // Dropped unfinished: the future is dropped (cancelled) with it.
-        let third = Slot::new(make(3));
+        let third = Slot::new(|| make(3));
         drop(third);
         assert_eq!(dropped.load(Ordering::SeqCst), 3);
         let kept = HOMES.with(|h| homes_of::<Unit>(&mut h.borrow_mut()).map(|v| v.len()));

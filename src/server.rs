@@ -652,7 +652,7 @@ where
         // While the request is served, a client that closes its connection cancels it,
         // as on hyper's path; bytes it sends meanwhile (a pipelined request) are kept.
         let request = Request::from_parts(parts, ClientBody::Empty);
-        let mut served = crate::recycle::Slot::new(handler(conn.clone(), request));
+        let mut served = crate::recycle::Slot::new(|| handler(conn.clone(), request));
         let resp = loop {
             tokio::select! {
                 biased;
