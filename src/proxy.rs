@@ -142,10 +142,10 @@ pub async fn handle(
         token_fingerprint: None,
         upstream_request_id: None,
     };
-    let journey = journey(&snap, &shared.metrics, &conn, &mut ctx, &mut parts, body).await;
+    let outcome = journey(&snap, &shared.metrics, &conn, &mut ctx, &mut parts, body).await;
     // The request's map holds a later head's fields on this thread.
     recycle::give_map(std::mem::take(&mut parts.headers));
-    let resp = match journey {
+    let resp = match outcome {
         // One box for all the guards the response body carries.
         Ok((resp, guards)) => resp.map(|b| b.with_guard((guards, exchange))),
         Err(e) => {

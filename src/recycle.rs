@@ -58,8 +58,8 @@ pub fn take_map(fields: usize) -> HeaderMap {
     map
 }
 
-/// Empties `map` and keeps it for [`take_map`]; given back right after its last use,
-/// it is still in cache.
+/// Empties `map` and keeps it for [`take_map`]. Give it back right after its last
+/// use: the next head on this thread then finds it still in cache.
 pub fn give_map(mut map: HeaderMap) {
     if map.capacity() > POOLED_MAP_ROOM {
         return;
