@@ -56,8 +56,6 @@ pub struct Conn {
     /// Bytes read and not used yet.
     buf: BytesMut,
     read_size: usize,
-    /// Where each field of the response head being parsed sits (scratch room).
-    fields: Vec<[usize; 4]>,
     /// The deadline of the exchange in flight, kept from one exchange to the next:
     /// moving a registered timer later is one atomic write, where a new timer per
     /// request takes the timer wheel's lock twice (register, cancel). It belongs to
@@ -90,7 +88,6 @@ impl Conn {
             io: Box::new(io),
             buf: BytesMut::new(),
             read_size: MIN_READ,
-            fields: Vec::new(),
             timer: None,
         }
     }
@@ -179,7 +176,7 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 answered = true;
-                match parse_head(&mut self.buf, &mut self.fields)? {
+                match parse_head(&mut self.buf)? {
                     Some(parts) if parts.status.is_informational() => {
                         // 101 would switch protocols: the proxy never asks for that.
                         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -273,11 +270,7 @@ fn encode_head(req: &request::Parts, body_len: usize, out: &mut Vec<u8>) {
 
 /// Parses a response head at the start of `buf` and removes it; `None` if it is
 /// not complete yet. Header values share the head's bytes (one allocation).
-/// `fields` is scratch room kept by the connection, so that no response allocates it.
-fn parse_head(
-    buf: &mut BytesMut,
-    fields: &mut Vec<[usize; 4]>,
-) -> Result<Option<http::response::Parts>, ExchangeError> {
+fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, ExchangeError> {
     // Uninitialised: zeroing 100 fields on every response cost more than parsing it.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -308,7 +301,7 @@ fn parse_head(
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     // Where each field sits in the head, so the values can share its bytes once it is frozen.
     let start = buf.as_ptr() as usize;
-    fields.clear();
+    let mut fields = recycle::take_spots();
     fields.extend(resp.headers.iter().map(|h| {
         let name = h.name.as_ptr() as usize - start;
         let value = h.value.as_ptr() as usize - start;
@@ -324,6 +317,7 @@ fn parse_head(
             .map_err(|_| ExchangeError::Invalid("malformed header value"))?;
         map.append(name, value);
     }
+    recycle::give_spots(fields);
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;

@@ -50,17 +50,10 @@ pub enum Head {
     Hyper,
 }
 
-/// Where the parts of a head sit in the buffer, so that the values can share its
-/// bytes once it is frozen.
-#[derive(Default)]
-pub struct Scratch {
-    fields: Vec<[usize; 4]>,
-}
-
 /// Parses the request head at the start of `buf`. A request this server takes is
 /// removed from `buf`, its fields put in a map from [`crate::recycle::take_map`].
 /// Leading empty lines are skipped, as RFC 9112 §2.2 allows.
-pub fn parse_request(buf: &mut BytesMut, scratch: &mut Scratch) -> Head {
+pub fn parse_request(buf: &mut BytesMut) -> Head {
     // Uninitialised: zeroing 100 fields for every request cost more than parsing it.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -114,15 +107,16 @@ pub fn parse_request(buf: &mut BytesMut, scratch: &mut Scratch) -> Head {
     let start = buf.as_ptr() as usize;
     let at = |s: &[u8]| s.as_ptr() as usize - start;
     let target = at(path.as_bytes())..at(path.as_bytes()) + path.len();
-    scratch.fields.clear();
-    scratch.fields.extend(req.headers.iter().map(|h| {
+    // Where the fields sit, so that the values can share the head's bytes once frozen.
+    let mut spots = crate::recycle::take_spots();
+    spots.extend(req.headers.iter().map(|h| {
         let (name, value) = (at(h.name.as_bytes()), at(h.value));
         [name, name + h.name.len(), value, value + h.value.len()]
     }));
     let head = buf.split_to(len).freeze();
-    let mut headers = crate::recycle::take_map(scratch.fields.len() + 8);
+    let mut headers = crate::recycle::take_map(spots.len() + 8);
     let mut parsed = Uri::from_maybe_shared(head.slice(target)).ok();
-    for &[ns, ne, vs, ve] in &scratch.fields {
+    for &[ns, ne, vs, ve] in &spots {
         match (
             HeaderName::from_bytes(&head[ns..ne]),
             HeaderValue::from_maybe_shared(head.slice(vs..ve)),
@@ -131,6 +125,7 @@ pub fn parse_request(buf: &mut BytesMut, scratch: &mut Scratch) -> Head {
             _ => parsed = None,
         }
     }
+    crate::recycle::give_spots(spots);
     let Some(uri) = parsed else {
         // Put back whole: hyper answers what this server cannot represent (400, 414).
         let mut back = BytesMut::with_capacity(head.len() + buf.len());
@@ -443,7 +438,7 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let head = parse_request(&mut buf, &mut Scratch::default());
+        let head = parse_request(&mut buf);
         (head, buf)
     }
 
@@ -485,10 +480,9 @@ mod tests {
         let wire =
             b"DELETE /x HTTP/1.1\r\nContent-Length: 0\r\nConnection: keep-alive, Close\r\n\r\n";
         let mut buf = BytesMut::new();
-        let mut scratch = Scratch::default();
         for (i, b) in wire.iter().enumerate() {
             buf.extend_from_slice(&[*b]);
-            match parse_request(&mut buf, &mut scratch) {
+            match parse_request(&mut buf) {
                 Head::Partial => assert!(i + 1 < wire.len(), "whole head still partial"),
                 Head::Ours { parts, close } => {
                     assert_eq!(i + 1, wire.len());

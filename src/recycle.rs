@@ -1,5 +1,6 @@
 //! Per-thread recycling of the memory a request is served in: header maps, the
-//! room a head is written from, and the home of the request's future.
+//! room a head is written from or parsed with, and the home of the request's
+//! future.
 //!
 //! Kept per thread rather than per connection: with a few hundred connections,
 //! what each one kept from its last request was cold by its next, and touching
@@ -27,6 +28,8 @@ thread_local! {
     /// Room for the head being written (a request's upstream, a response's to the
     /// client): the socket takes a head at once, so the next one reuses it.
     static HEAD_ROOM: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// Where the fields of the head being parsed sit.
+    static SPOTS: Cell<Spots> = const { Cell::new(Vec::new()) };
     /// Emptied header maps, the most recently emptied last.
     static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
     /// Empty homes of futures: one `Vec<Home<F>>` per type `F`, the most recently
@@ -48,6 +51,22 @@ pub fn give_room(mut room: Vec<u8>) {
         room.clear();
         let _ = HEAD_ROOM.try_with(|r| r.set(room));
     }
+}
+
+/// Where each field of a head sits in its buffer: name start and end, value start
+/// and end. Noted while the parser borrows the buffer, used once it is frozen.
+pub type Spots = Vec<[usize; 4]>;
+
+/// Room to note where a head's fields sit: the one this thread gave back last.
+pub fn take_spots() -> Spots {
+    SPOTS.try_with(Cell::take).unwrap_or_default()
+}
+
+/// Keeps `spots` (emptied) for [`take_spots`]; a head has at most 100 fields, so
+/// it stays small.
+pub fn give_spots(mut spots: Spots) {
+    spots.clear();
+    let _ = SPOTS.try_with(|s| s.set(spots));
 }
 
 /// An empty header map with room for `fields`: the one this thread emptied last, if any.
@@ -185,6 +204,17 @@ mod tests {
         assert_eq!(again.capacity(), cap);
         give_room(vec![0; MAX_ROOM + 1]);
         assert_eq!(take_room().capacity(), 0, "a body's room was kept");
+    }
+
+    #[test]
+    fn spots_come_back_empty_with_their_room() {
+        let mut spots = take_spots();
+        spots.extend([[0, 4, 6, 9], [11, 15, 17, 20]]);
+        let cap = spots.capacity();
+        give_spots(spots);
+        let again = take_spots();
+        assert!(again.is_empty(), "stale spots: {again:?}");
+        assert_eq!(again.capacity(), cap);
     }
 
     #[test]

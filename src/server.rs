@@ -584,7 +584,6 @@ where
 {
     let mut io = Watched::with_prefix(stream, conn.clone(), carried);
     let mut buf = BytesMut::new();
-    let mut scratch = h1_server::Scratch::default();
     let period = limits_period(settings);
     let timer = tokio::time::sleep(period.min(PARK_AFTER));
     tokio::pin!(timer);
@@ -605,7 +604,7 @@ where
     };
     loop {
         let (parts, close) = loop {
-            match h1_server::parse_request(&mut buf, &mut scratch) {
+            match h1_server::parse_request(&mut buf) {
                 Head::Ours { parts, close } => break (parts, close),
                 Head::Partial if buf.len() <= MAX_HEAD_BYTES => {}
                 Head::Partial | Head::Hyper => return for_hyper(io, buf),
