@@ -712,6 +712,30 @@ async fn parked(
     }
 }
 
+/// `handler` as hyper's service for the requests of `conn`. Its future is boxed:
+/// hyper moves it through several owners (on HTTP/2, where each stream is a task
+/// of its own: the stream's state, the executor, the task's cell), and at the
+/// handler's size (2 KiB) every move copied it whole.
+fn hyper_service<F, Fut, B>(
+    handler: F,
+    conn: &Arc<ConnInfo>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<B>,
+    Error = Infallible,
+    Future = Pin<Box<Fut>>,
+>
+where
+    F: Fn(Arc<ConnInfo>, Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body,
+{
+    let conn = conn.clone();
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        Box::pin(handler(conn.clone(), req.map(ClientBody::Incoming)))
+    })
+}
+
 /// Serves HTTP/1 exchanges until the connection ends (None) or has rested for
 /// [`PARK_AFTER`]: then hyper lets go of it and the socket comes back, with any
 /// bytes hyper had read but not used.
@@ -729,13 +753,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let c = conn.clone();
-    // Boxed: HTTP/2 spawns each stream's future as a task of its own, and a future
-    // of the handler's size (2 KiB) would be copied whole at every step of the way
-    // there (the stream's state, hyper's executor, the task's cell).
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        Box::pin(handler(c.clone(), req.map(ClientBody::Incoming)))
-    });
+    let service = hyper_service(handler, conn);
     let io = TokioIo::new(Watched::with_prefix(stream, conn.clone(), carried));
     let mut connection = settings.http1.serve_connection(io, service);
     // One timer for the connection's limits and for parking, so each wake-up of a
@@ -870,13 +888,7 @@ async fn serve_connection<I, F, Fut, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let c = conn.clone();
-    // Boxed: HTTP/2 spawns each stream's future as a task of its own, and a future
-    // of the handler's size (2 KiB) would be copied whole at every step of the way
-    // there (the stream's state, hyper's executor, the task's cell).
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        Box::pin(handler(c.clone(), req.map(ClientBody::Incoming)))
-    });
+    let service = hyper_service(handler, &conn);
     let connection = settings
         .builder
         .serve_connection(TokioIo::new(Watched::new(io, conn.clone())), service);
