@@ -14,6 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::thread::LocalKey;
 
 /// The largest room [`give_room`] keeps: a head's, not a body's.
 const MAX_ROOM: usize = 16 * 1024;
@@ -42,14 +43,13 @@ type Home<F> = Pin<Box<Option<F>>>;
 
 /// Room for a head to be written: the one this thread gave back last, if any.
 pub fn take_room() -> Vec<u8> {
-    HEAD_ROOM.try_with(Cell::take).unwrap_or_default()
+    take_one(&HEAD_ROOM)
 }
 
 /// Keeps `room` (emptied) for [`take_room`], unless a body made it large.
-pub fn give_room(mut room: Vec<u8>) {
+pub fn give_room(room: Vec<u8>) {
     if room.capacity() <= MAX_ROOM {
-        room.clear();
-        let _ = HEAD_ROOM.try_with(|r| r.set(room));
+        give_one(&HEAD_ROOM, room);
     }
 }
 
@@ -59,14 +59,24 @@ pub type Spots = Vec<[usize; 4]>;
 
 /// Room to note where a head's fields sit: the one this thread gave back last.
 pub fn take_spots() -> Spots {
-    SPOTS.try_with(Cell::take).unwrap_or_default()
+    take_one(&SPOTS)
 }
 
 /// Keeps `spots` (emptied) for [`take_spots`]; a head has at most 100 fields, so
 /// it stays small.
-pub fn give_spots(mut spots: Spots) {
-    spots.clear();
-    let _ = SPOTS.try_with(|s| s.set(spots));
+pub fn give_spots(spots: Spots) {
+    give_one(&SPOTS, spots);
+}
+
+/// The vector kept in `slot` (empty), or a new one.
+fn take_one<T: 'static>(slot: &'static LocalKey<Cell<Vec<T>>>) -> Vec<T> {
+    slot.try_with(Cell::take).unwrap_or_default()
+}
+
+/// Empties `vec` and keeps it in `slot`.
+fn give_one<T: 'static>(slot: &'static LocalKey<Cell<Vec<T>>>, mut vec: Vec<T>) {
+    vec.clear();
+    let _ = slot.try_with(|s| s.set(vec));
 }
 
 /// An empty header map with room for `fields`: the one this thread emptied last, if any.
