@@ -96,6 +96,8 @@ struct Inner {
     /// token -> deadline (`None`: beyond what `Instant` can represent).
     tokens: HashMap<String, Option<Instant>>,
     last_request: Option<TokenRequest>,
+    /// The last token request of each `client_id`, for tests where several credentials refresh.
+    last_by_client: HashMap<String, TokenRequest>,
 }
 
 impl ImsState {
@@ -188,6 +190,11 @@ impl ImsState {
     /// The last token request received (including ones answered with an error).
     pub fn last_request(&self) -> Option<TokenRequest> {
         self.lock().last_request.clone()
+    }
+
+    /// The last token request that named this `client_id` (including ones answered with an error).
+    pub fn last_request_from(&self, client_id: &str) -> Option<TokenRequest> {
+        self.lock().last_by_client.get(client_id).cloned()
     }
 
     /// Try to take one of the `fail_next` failures.
@@ -284,10 +291,15 @@ async fn handle(state: Arc<ImsState>, req: Request<Incoming>) -> Response<SimBod
         tokio::time::sleep(Duration::from_micros(delay)).await;
     }
     if is_token_path {
-        state.lock().last_request = Some(TokenRequest {
+        let request = TokenRequest {
             content_type: content_type.clone(),
             form: body.as_deref().map(decode_form).unwrap_or_default(),
-        });
+        };
+        let mut inner = state.lock();
+        if let Some((_, id)) = request.form.iter().find(|(k, _)| k == "client_id") {
+            inner.last_by_client.insert(id.clone(), request.clone());
+        }
+        inner.last_request = Some(request);
     }
     if state.down.load(Ordering::SeqCst) {
         return outage();

@@ -326,6 +326,15 @@ mod tests {
                 ("scope", "openid,AdobeID"),
             ]
         );
+        // Kept per client id too: a later request of another client does not hide it.
+        let other = "grant_type=client_credentials&client_id=other&client_secret=x";
+        send(&c, form_post(&ims.token_url(), other)).await;
+        assert_eq!(st.last_request_from("cid"), Some(last));
+        let from_other = st.last_request_from("other").expect("recorded");
+        assert!(from_other
+            .form
+            .contains(&("client_secret".into(), "x".into())));
+        assert_eq!(st.last_request_from("nobody"), None);
 
         st.revoke_all_tokens();
         assert!(!st.token_is_valid(token));
