@@ -299,25 +299,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Excha
         .reason
         .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
-    // Where each field sits in the head, so the values can share its bytes once it is frozen.
-    let start = buf.as_ptr() as usize;
-    let mut fields = recycle::take_spots();
-    fields.extend(resp.headers.iter().map(|h| {
-        let name = h.name.as_ptr() as usize - start;
-        let value = h.value.as_ptr() as usize - start;
-        [name, name + h.name.len(), value, value + h.value.len()]
-    }));
+    let spots = note_fields(buf.as_ptr() as usize, resp.headers);
     let head = buf.split_to(len).freeze();
     // Room for the headers the proxy adds.
-    let mut map = recycle::take_map(fields.len() + 8);
-    for &[ns, ne, vs, ve] in fields.iter() {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| ExchangeError::Invalid("malformed header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| ExchangeError::Invalid("malformed header value"))?;
-        map.append(name, value);
-    }
-    recycle::give_spots(fields);
+    let map = fields_map(&head, spots, 8).map_err(|bad| {
+        ExchangeError::Invalid(match bad {
+            BadField::Name => "malformed header name",
+            BadField::Value => "malformed header value",
+        })
+    })?;
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -327,6 +317,46 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Excha
         parts.extensions.insert(reason);
     }
     Ok(Some(parts))
+}
+
+/// The part of a head's field that the `http` types refuse.
+pub enum BadField {
+    /// Not a valid header name.
+    Name,
+    /// Not a valid header value.
+    Value,
+}
+
+/// Where each of `fields` sits in the buffer that starts at address `start`, in
+/// this thread's room: noted while the parser borrows the buffer, so that the
+/// values can share the head's bytes once it is frozen (see [`fields_map`]).
+pub fn note_fields(start: usize, fields: &[httparse::Header<'_>]) -> recycle::Spots {
+    let mut spots = recycle::take_spots();
+    spots.extend(fields.iter().map(|h| {
+        let name = h.name.as_ptr() as usize - start;
+        let value = h.value.as_ptr() as usize - start;
+        [name, name + h.name.len(), value, value + h.value.len()]
+    }));
+    spots
+}
+
+/// The fields noted in `spots` as a map from this thread's pool, with room for
+/// `extra` more; the values share `head`'s bytes, and the spots go back.
+pub fn fields_map(
+    head: &Bytes,
+    spots: recycle::Spots,
+    extra: usize,
+) -> Result<HeaderMap, BadField> {
+    let mut map = recycle::take_map(spots.len() + extra);
+    let filled = spots.iter().try_for_each(|&[ns, ne, vs, ve]| {
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| BadField::Name)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| BadField::Value)?;
+        map.append(name, value);
+        Ok(())
+    });
+    recycle::give_spots(spots);
+    filled.map(|()| map)
 }
 
 /// How a response's body is delimited, and whether the connection may carry another exchange.

@@ -10,10 +10,11 @@
 //! so do hyper's automatic 400/414/431 answers.
 
 use crate::body::BoxError;
+use crate::h1;
 use crate::rewrite::list_elements;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use http::{request, response, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use http::{request, response, Method, StatusCode, Uri};
 use http_body::{Body, SizeHint};
 use std::cell::RefCell;
 use std::io;
@@ -107,26 +108,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Head {
     let start = buf.as_ptr() as usize;
     let at = |s: &[u8]| s.as_ptr() as usize - start;
     let target = at(path.as_bytes())..at(path.as_bytes()) + path.len();
-    // Where the fields sit, so that the values can share the head's bytes once frozen.
-    let mut spots = crate::recycle::take_spots();
-    spots.extend(req.headers.iter().map(|h| {
-        let (name, value) = (at(h.name.as_bytes()), at(h.value));
-        [name, name + h.name.len(), value, value + h.value.len()]
-    }));
+    let spots = h1::note_fields(start, req.headers);
     let head = buf.split_to(len).freeze();
-    let mut headers = crate::recycle::take_map(spots.len() + 8);
-    let mut parsed = Uri::from_maybe_shared(head.slice(target)).ok();
-    for &[ns, ne, vs, ve] in &spots {
-        match (
-            HeaderName::from_bytes(&head[ns..ne]),
-            HeaderValue::from_maybe_shared(head.slice(vs..ve)),
-        ) {
-            (Ok(name), Ok(value)) => drop(headers.append(name, value)),
-            _ => parsed = None,
-        }
-    }
-    crate::recycle::give_spots(spots);
-    let Some(uri) = parsed else {
+    let headers = h1::fields_map(&head, spots, 8);
+    let (Some(uri), Ok(headers)) = (Uri::from_maybe_shared(head.slice(target)).ok(), headers)
+    else {
         // Put back whole: hyper answers what this server cannot represent (400, 414).
         let mut back = BytesMut::with_capacity(head.len() + buf.len());
         back.extend_from_slice(&head);
@@ -433,7 +419,7 @@ async fn flush<W: AsyncWrite + Unpin>(io: &mut W, out: &mut Vec<u8>) -> Result<(
 mod tests {
     use super::*;
     use crate::body::{full, AnyBody, Counted};
-    use http::Response;
+    use http::{HeaderName, HeaderValue, Response};
     use http_body_util::StreamBody;
 
     fn parse(bytes: &[u8]) -> (Head, BytesMut) {
