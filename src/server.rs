@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
@@ -53,6 +53,25 @@ pub enum StartError {
     /// TLS files or outbound setup are unusable.
     #[error("{0}")]
     Setup(String),
+}
+
+/// Connections the kernel may hold completed but not yet accepted (it caps
+/// this at `net.core.somaxconn`). The standard library's 128 overflowed when
+/// 256 clients connected at once: the surplus SYNs were dropped and those
+/// clients waited a second for their retry. nginx's own default is 511.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`], reusable at once
+/// after a restart (`SO_REUSEADDR`, as `TcpListener::bind` sets).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How a drain ended.
@@ -268,21 +287,16 @@ pub async fn start_with_metrics(
 ) -> Result<ServerHandle, StartError> {
     let s = &config.server;
     let worker_count = s.workers;
-    let proxy_listener = TcpListener::bind(s.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            key: "server.listen",
-            addr: s.listen,
-            source,
-        })?;
-    let admin_listener =
-        TcpListener::bind(s.admin_listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                key: "server.admin_listen",
-                addr: s.admin_listen,
-                source,
-            })?;
+    let proxy_listener = listen(s.listen).map_err(|source| StartError::Bind {
+        key: "server.listen",
+        addr: s.listen,
+        source,
+    })?;
+    let admin_listener = listen(s.admin_listen).map_err(|source| StartError::Bind {
+        key: "server.admin_listen",
+        addr: s.admin_listen,
+        source,
+    })?;
     let (tls, tls_cert) = match s.tls.as_ref().map(tls_acceptor).transpose() {
         Ok(Some((acceptor, cert))) => (Some(acceptor), Some(cert)),
         Ok(None) => (None, None),
@@ -970,6 +984,35 @@ pub async fn wait_for_signals(handle: &ServerHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_listener_queues_a_burst_of_connections_beyond_the_old_128() {
+        // Nothing accepts: every connection must complete from the queue
+        // alone. With a backlog of 128, the 130th SYN was dropped and its
+        // connect hung for the client's one-second retry.
+        let listener = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = listener.local_addr().expect("local addr");
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let burst = 300.min(somaxconn);
+        let mut tries = JoinSet::new();
+        for _ in 0..burst {
+            tries.spawn(tokio::time::timeout(
+                Duration::from_millis(800),
+                TcpStream::connect(addr),
+            ));
+        }
+        let mut connected = 0;
+        while let Some(done) = tries.join_next().await {
+            if matches!(done, Ok(Ok(Ok(_)))) {
+                connected += 1;
+            }
+        }
+        assert_eq!(connected, burst, "connections completed from the queue");
+        drop(listener);
+    }
 
     #[test]
     fn a_connection_that_may_not_park_is_looked_at_every_park_interval_never_sooner() {
