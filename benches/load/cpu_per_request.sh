@@ -6,8 +6,10 @@
 #
 # Usage: benches/load/cpu_per_request.sh ROUNDS SECONDS CONNS name:port:pid[,pid...] ...
 #   e.g. benches/load/cpu_per_request.sh 6 5 32 nginx:18011:PID1,PID2 ims:18021:PID3
-# Prints one line per run (req/s, user and system µs per request, from /proc),
-# then the mean of each variant. PATH and KEY are the rig's; override with
+# Prints one line per run (req/s, the proxy's user and system µs per request,
+# and the whole machine's busy µs per request: proxy, upstream, load generator
+# and kernel together, which with every core saturated sets the req/s; all
+# from /proc), then the mean of each variant. PATH and KEY are the rig's; override with
 # BENCH_PATH and BENCH_KEY.
 set -euo pipefail
 (($# >= 4)) || { sed -n '2,12p' "$0" >&2; exit 2; }
@@ -29,27 +31,36 @@ ticks() {
     echo "$user $sys"
 }
 
-declare -A runs rps_sum user_sum sys_sum
+# Busy clock ticks of the whole machine (all but idle and iowait).
+machine_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+
+declare -A runs rps_sum user_sum sys_sum machine_sum
 for ((round = 1; round <= ROUNDS; round++)); do
     for spec in "$@"; do
         IFS=: read -r name port pids <<<"$spec"
         IFS=, read -r -a pid_list <<<"$pids"
         read -r u0 s0 <<<"$(ticks "${pid_list[@]}")"
+        m0=$(machine_ticks)
         out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" -H "x-proxy-key: $BENCH_KEY" "http://127.0.0.1:$port$BENCH_PATH")
         read -r u1 s1 <<<"$(ticks "${pid_list[@]}")"
+        m1=$(machine_ticks)
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         n=$(awk '/requests in/ {print $1}' <<<"$out")
-        read -r user sys <<<"$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$n" -v t="$TICK" \
-            'BEGIN { printf "%.2f %.2f", u * 1e6 / t / n, s * 1e6 / t / n }')"
-        echo "round $round c=$CONNS $name: $rps req/s, user $user us, system $sys us per request"
+        read -r user sys machine <<<"$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v m=$((m1 - m0)) -v n="$n" -v t="$TICK" \
+            'BEGIN { k = 1e6 / t / n; printf "%.2f %.2f %.2f", u * k, s * k, m * k }')"
+        echo "round $round c=$CONNS $name: $rps req/s, user $user us, system $sys us per request; machine $machine us"
         runs[$name]=$((${runs[$name]:-0} + 1))
         rps_sum[$name]=$(awk -v a="${rps_sum[$name]:-0}" -v b="$rps" 'BEGIN { print a + b }')
         user_sum[$name]=$(awk -v a="${user_sum[$name]:-0}" -v b="$user" 'BEGIN { print a + b }')
         sys_sum[$name]=$(awk -v a="${sys_sum[$name]:-0}" -v b="$sys" 'BEGIN { print a + b }')
+        machine_sum[$name]=$(awk -v a="${machine_sum[$name]:-0}" -v b="$machine" 'BEGIN { print a + b }')
     done
 done
 for spec in "$@"; do
     name=${spec%%:*}
-    awk -v n="${runs[$name]}" -v r="${rps_sum[$name]}" -v u="${user_sum[$name]}" -v s="${sys_sum[$name]}" -v name="$name" \
-        'BEGIN { printf "mean %s: %.0f req/s, user %.2f us, system %.2f us per request\n", name, r / n, u / n, s / n }'
+    awk -v n="${runs[$name]}" -v r="${rps_sum[$name]}" -v u="${user_sum[$name]}" -v s="${sys_sum[$name]}" \
+        -v m="${machine_sum[$name]}" -v name="$name" \
+        'BEGIN { printf "mean %s: %.0f req/s, user %.2f us, system %.2f us per request; machine %.2f us\n", name, r / n, u / n, s / n, m / n }'
 done
