@@ -315,8 +315,15 @@ to_ms() { # "1.23ms" / "456.78us" / "1.2s" -> ms
 }
 
 rotated() { # round -> the targets in that round's order
-    local t=("$@") r=$ROUND_IDX n=$#
-    for ((i = 0; i < n; i++)); do printf '%s ' "${t[((i + r) % n)]}"; done
+    # Every rotation, then every rotation reversed: over 2n rounds each target runs
+    # in each position, and right after each other target, equally often.
+    local t=("$@") r=$ROUND_IDX n=$# order=() i
+    for ((i = 0; i < n; i++)); do order+=("${t[((i + r) % n)]}"); done
+    if (((r / n) % 2 == 1)); then
+        for ((i = n - 1; i >= 0; i--)); do printf '%s ' "${order[i]}"; done
+    else
+        printf '%s ' "${order[@]}"
+    fi
 }
 
 run_wrk() { # scenario target round conns
@@ -528,7 +535,7 @@ rec "mem: whole run (VmHWM)" ims 1 peak_rss_kib "$(awk '/^VmHWM:/ { print $2 }' 
     echo
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
     echo "- ims-proxy $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), $("$NGINX" -v 2>&1 | sed 's/.*: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')$([[ $H2 != 1 ]] || echo ", $(h2load --version | head -1)")$([[ $LATENCY != 1 ]] || echo ", $("$OHA" --version)")"
-    echo "- rounds $ROUNDS x ${DURATION}s (+${WARMUP}s warm-up), order rotated each round; nginx worker_processes $WORKERS, ims-proxy workers $WORKERS; load generator threads $WRK_THREADS; access logs $LOGS"
+    echo "- rounds $ROUNDS x ${DURATION}s (+${WARMUP}s warm-up), order rotated each round, reversed from round $((${#TARGETS[@]} + 1)) on; nginx worker_processes $WORKERS, ims-proxy workers $WORKERS; load generator threads $WRK_THREADS; access logs $LOGS"
     echo "- h1: wrk, c keep-alive connections; h2: h2load, c/$H2_STREAMS connections x $H2_STREAMS streams (h2load reports mean latency only); fixed rate: oha -q with --latency-correction; download: curl"
     echo "- ratios are ims-proxy / nginx and ims-proxy / direct; 'added' is latency over the direct path (ms)"
     echo
