@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A minimal stand-in for Adobe IMS for the load benchmark (benches/load.sh).
 
-Answers `POST .../ims/token/v3` with a fresh bearer token. A token URL whose
-path starts with `/swap/` gets `expires_in: 2`, so the proxy replaces its token
-about once a second (refresh at half the lifetime); any other path gets a day.
+Answers `POST .../ims/token/v3` with a fresh bearer token. A request whose
+scopes include `swap` (or whose path starts with `/swap/`) gets `expires_in: 2`,
+so the proxy replaces its token about once a second (refresh at half the
+lifetime); any other gets a day.
 GET /count answers how many tokens were issued. Loopback only.
 
 Usage: ims_stub.py PORT
@@ -12,6 +13,7 @@ import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 issued = 0
 lock = threading.Lock()
@@ -40,7 +42,8 @@ class Handler(BaseHTTPRequestHandler):
         with lock:
             issued += 1
             n = issued
-        expires = 2 if self.path.startswith("/swap/") else 86400
+        scopes = parse_qs(form).get("scope", [""])[0].split(",")
+        expires = 2 if "swap" in scopes or self.path.startswith("/swap/") else 86400
         self._send(
             200,
             {"access_token": f"eyJbench.{n}.{PAD}", "token_type": "bearer", "expires_in": expires},
