@@ -200,16 +200,16 @@ PIDS+=($NGX_PID)
 python3 "$HERE/load/ims_stub.py" "$STUB" >"$WORK/stub.log" 2>&1 &
 PIDS+=($!)
 
-start_ims() { # name listen admin token-path
+start_ims() { # name listen admin pid-variable
     fill "$HERE/load/ims-proxy.toml.in" "$WORK/$1.toml" \
-        -e "s|@LISTEN@|$2|g" -e "s|@ADMIN@|$3|g" -e "s|@TOKEN_PATH@|$4|g"
+        -e "s|@LISTEN@|$2|g" -e "s|@ADMIN@|$3|g"
     RUST_LOG=$RUST_LOG_LEVEL "$IMS_PROXY_BIN" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
     PIDS+=($!)
-    eval "$5=$!"
+    eval "$4=$!"
 }
 wait_http "http://127.0.0.1:$STUB/count"
-start_ims ims "$IMS_PX" "$IMS_ADMIN" /ims/token/v3 IMS_PID
-[[ $SWAP != 1 ]] || start_ims ims-swap "$SWAP_PX" "$SWAP_ADMIN" /ims/token/v3 SWAP_PID
+start_ims ims "$IMS_PX" "$IMS_ADMIN" IMS_PID
+[[ $SWAP != 1 ]] || start_ims ims-swap "$SWAP_PX" "$SWAP_ADMIN" SWAP_PID
 
 wait_http "http://127.0.0.1:$UP_H1$API_PATH"
 wait_http "http://127.0.0.1:$NGX_H1/bench$API_PATH"

@@ -9,10 +9,10 @@
 # Prints one line per run (req/s, the proxy's user and system µs per request,
 # and the whole machine's busy µs per request: proxy, upstream, load generator
 # and kernel together, which with every core saturated sets the req/s; all
-# from /proc), then the mean of each variant. PATH and KEY are the rig's; override with
-# BENCH_PATH and BENCH_KEY.
+# from /proc), then the mean of each variant. PATH and KEY are the rig's;
+# override with BENCH_PATH and BENCH_KEY.
 set -euo pipefail
-(($# >= 4)) || { sed -n '2,12p' "$0" >&2; exit 2; }
+(($# >= 4)) || { sed -n '2,13p' "$0" >&2; exit 2; }
 ROUNDS=$1 SECS=$2 CONNS=$3
 shift 3
 BENCH_PATH=${BENCH_PATH:-/bench/api/v1/items}

@@ -2,9 +2,8 @@
 """A minimal stand-in for Adobe IMS for the load benchmark (benches/load.sh).
 
 Answers `POST .../ims/token/v3` with a fresh bearer token. A request whose
-scopes include `swap` (or whose path starts with `/swap/`) gets `expires_in: 2`,
-so the proxy replaces its token about once a second (refresh at half the
-lifetime); any other gets a day.
+scopes include `swap` gets `expires_in: 2`, so the proxy replaces its token
+about once a second (refresh at half the lifetime); any other gets a day.
 GET /count answers how many tokens were issued. Loopback only.
 
 Usage: ims_stub.py PORT
@@ -43,7 +42,7 @@ class Handler(BaseHTTPRequestHandler):
             issued += 1
             n = issued
         scopes = parse_qs(form).get("scope", [""])[0].split(",")
-        expires = 2 if "swap" in scopes or self.path.startswith("/swap/") else 86400
+        expires = 2 if "swap" in scopes else 86400
         self._send(
             200,
             {"access_token": f"eyJbench.{n}.{PAD}", "token_type": "bearer", "expires_in": expires},

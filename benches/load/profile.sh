@@ -85,10 +85,12 @@ else
     KEY_LINE=$(printf %s "$KEY" | "$IMS_PROXY_BIN" hash-key)
     PROXY_CMD=("$IMS_PROXY_BIN" run --config "$WORK/ims.toml")
 fi
-[[ $SWAP == 1 ]] && TOKEN_PATH=/swap/ims/token/v3 || TOKEN_PATH=/ims/token/v3
 sed -e "s|@WORK@|$WORK|g" -e "s|@UP_H1@|$UP_H1|g" -e "s|@UP_H2@|$UP_H2|g" -e "s|@NOFILE@|4096|g" \
     -e "s|@UPSTREAM_WORKERS@|1|g" "$HERE/nginx-upstream.conf.in" >"$WORK/upstream.conf"
-sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|@TOKEN_PATH@|$TOKEN_PATH|g" \
+# Scope `swap`: the stub's tokens then live 2 s.
+SCOPES='"openid"'
+[[ $SWAP != 1 ]] || SCOPES='"openid", "swap"'
+sed -e "s|@LISTEN@|$PX|g" -e "s|@ADMIN@|$ADMIN|g" -e "s|@IMS@|$STUB|g" -e "s|^scopes = .*|scopes = [$SCOPES]|" \
     -e "s|@UP_H1@|$UP_H1|g" -e "s|@KEY_SHA256_LINE@|${KEY_LINE:-}|g" -e "s|@PROXY_WORKERS@|2|g" \
     "$HERE/ims-proxy.toml.in" >"$WORK/ims.toml"
 "$NGINX" -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon off;' 2>>"$WORK/upstream-error.log" &
