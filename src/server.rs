@@ -287,16 +287,9 @@ pub async fn start_with_metrics(
 ) -> Result<ServerHandle, StartError> {
     let s = &config.server;
     let worker_count = s.workers;
-    let proxy_listener = listen(s.listen).map_err(|source| StartError::Bind {
-        key: "server.listen",
-        addr: s.listen,
-        source,
-    })?;
-    let admin_listener = listen(s.admin_listen).map_err(|source| StartError::Bind {
-        key: "server.admin_listen",
-        addr: s.admin_listen,
-        source,
-    })?;
+    let bind = |key, addr| listen(addr).map_err(|source| StartError::Bind { key, addr, source });
+    let proxy_listener = bind("server.listen", s.listen)?;
+    let admin_listener = bind("server.admin_listen", s.admin_listen)?;
     let (tls, tls_cert) = match s.tls.as_ref().map(tls_acceptor).transpose() {
         Ok(Some((acceptor, cert))) => (Some(acceptor), Some(cert)),
         Ok(None) => (None, None),
