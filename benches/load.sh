@@ -10,7 +10,8 @@
 #   - ims-proxy `run` in front of the same upstream, with a simulated IMS
 #     (benches/load/ims_stub.py) and a hashed client key;
 #   - for the token-swap scenario, a second ims-proxy, reloaded between its runs
-#     to tokens of 2 s (it swaps about once a second) or of a day (no swaps).
+#     to tokens of 2 s (it swaps about once a second) or of a day (no swaps),
+#     each mode twice a round in A-B-B-A order.
 # Then drives each with wrk (HTTP/1.1 saturation; also the proxy's CPU time per
 # request, from /proc/PID/stat, which is steadier than req/s on a shared machine),
 # h2load (h2c saturation),
@@ -467,7 +468,12 @@ for ((ROUND_IDX = 0; ROUND_IDX < ROUNDS; ROUND_IDX++)); do
     fi
     if [[ $SWAP == 1 ]]; then
         c=$(awk '{ print $1 }' <<<"$CONNS")
-        for t in $(rotated ims-still ims-swap); do
+        # A-B-B-A: each mode runs twice a round, on both sides of the other, so a
+        # machine drifting steadily through the round weighs on both alike.
+        # Which mode opens alternates between rounds.
+        order="ims-still ims-swap ims-swap ims-still"
+        ((ROUND_IDX % 2 == 0)) || order="ims-swap ims-still ims-still ims-swap"
+        for t in $order; do
             swap_mode "$t"
             before=$(issued)
             run_wrk "swap h1 c=$c" "$t" "$round" "$c"

@@ -2,7 +2,8 @@
 """Turns the raw results of benches/load.sh into the Markdown tables it prints.
 
 Input: a TSV file with lines `scenario target round metric value`.
-Every cell is the median over the rounds; ratios are of medians.
+Every cell is the median over the rounds; ratios are of medians, except the
+token-swap scenario's, which are paired within each round (see there).
 """
 import statistics
 import sys
@@ -32,6 +33,7 @@ def ratio(a, b):
 
 def main():
     data = defaultdict(list)
+    by_round = defaultdict(lambda: defaultdict(list))
     order = []
     for line in open(sys.argv[1]):
         parts = line.rstrip("\n").split("\t")
@@ -45,6 +47,7 @@ def main():
         if scenario not in order:
             order.append(scenario)
         data[(scenario, target, metric)].append(v)
+        by_round[(scenario, target, metric)][_round].append(v)
 
     def med(s, t, m):
         vals = data.get((s, t, m))
@@ -52,6 +55,12 @@ def main():
 
     def rounds(s, t, m):
         return len(data.get((s, t, m), []))
+
+    def paired(s, b, a, m):
+        """Per round, the mean of b's runs over the mean of a's: the ratio within a
+        round, where both ran minutes apart at most, not across the whole run."""
+        rb, ra = by_round.get((s, b, m), {}), by_round.get((s, a, m), {})
+        return [statistics.mean(rb[r]) / statistics.mean(ra[r]) for r in rb if ra.get(r) and statistics.mean(ra[r])]
 
     print("### Throughput and latency (medians)\n")
     print("| scenario | metric | direct | nginx | ims-proxy | ims/nginx | ims/direct | nginx added | ims added |")
@@ -74,17 +83,42 @@ def main():
         if any(e for e in errs if e):
             print(f"| {s} | errors | {errs[0]} | {errs[1]} | {errs[2]} | | | | |")
 
+    print("\n### ims-proxy / nginx round by round (throughput)\n")
+    print("| scenario | per round | median | rounds ims-proxy ahead |")
+    print("| --- | --- | ---: | ---: |")
+    for s in order:
+        if " at " in s:  # a fixed rate: both serve the rate asked for
+            continue
+        for m in RATE_METRICS:
+            r = paired(s, "ims", "nginx", m)
+            if r:
+                each = ", ".join(f"{x:.3f}" for x in r)
+                ahead = sum(x > 1 for x in r)
+                print(f"| {s} | {each} | {statistics.median(r):.3f}× | {ahead} of {len(r)} |")
+
     swap = [s for s in order if s.startswith("swap")]
     if swap:
-        print("\n### Token swap every second (ims-proxy against itself, medians)\n")
-        print("| scenario | no swaps req/s | swap/s req/s | swap / no swap | tokens issued during swap runs |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("\n### Token swap every second (ims-proxy against itself)\n")
+        print(
+            "Ratios are paired within each round (the mean of its swap runs over the"
+            " mean of its runs without), then the median over the rounds.\n"
+        )
+        print(
+            "| scenario | no swaps req/s | swap/s req/s | swap / no swap | per round "
+            "| CPU µs/req, swap / no swap | tokens issued per swap run |"
+        )
+        print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
         for s in swap:
             # ims-still: the same process as ims-swap, without swaps (older reports: ims).
-            a = med(s, "ims-still", "rps") or med(s, "ims", "rps")
-            b = med(s, "ims-swap", "rps")
+            still = "ims-still" if data.get((s, "ims-still", "rps")) else "ims"
+            a, b = med(s, still, "rps"), med(s, "ims-swap", "rps")
+            rps = paired(s, "ims-swap", still, "rps")
+            cpu = paired(s, "ims-swap", still, "cpu_us_per_req")
+            each = ", ".join(f"{r:.3f}" for r in rps)
+            mid = f"{statistics.median(rps):.3f}×" if rps else "–"
+            cost = f"{statistics.median(cpu):.3f}×" if cpu else "–"
             swaps = med(s, "ims-swap", "swaps")
-            print(f"| {s} | {fmt(a, 'rps')} | {fmt(b, 'rps')} | {ratio(b, a)} | {fmt(swaps, 'x')} |")
+            print(f"| {s} | {fmt(a, 'rps')} | {fmt(b, 'rps')} | {mid} | {each} | {cost} | {'–' if swaps is None else f'{swaps:.0f}'} |")
 
     print("\n### Memory (MiB; ims-proxy RSS, nginx master+workers summed RSS and PSS; peak = max over the rounds)\n")
     print("| when | ims-proxy RSS | nginx RSS | nginx PSS | ims/nginx (RSS) |")
