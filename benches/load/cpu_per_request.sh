@@ -10,9 +10,11 @@
 # and the whole machine's busy µs per request: proxy, upstream, load generator
 # and kernel together, which with every core saturated sets the req/s; all
 # from /proc), then the mean of each variant. PATH and KEY are the rig's;
-# override with BENCH_PATH and BENCH_KEY.
+# override with BENCH_PATH and BENCH_KEY. ORDER=abba (two variants A B): each
+# round runs A B B A, the next B A A B, so a steady drift weighs on both alike;
+# then also each round's req/s ratio B / A and their median.
 set -euo pipefail
-(($# >= 4)) || { sed -n '2,13p' "$0" >&2; exit 2; }
+(($# >= 4)) || { sed -n '2,16p' "$0" >&2; exit 2; }
 ROUNDS=$1 SECS=$2 CONNS=$3
 shift 3
 BENCH_PATH=${BENCH_PATH:-/bench/api/v1/items}
@@ -36,9 +38,21 @@ machine_ticks() {
     awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
 }
 
-declare -A runs rps_sum user_sum sys_sum machine_sum
+ORDER=${ORDER:-}
+if [[ $ORDER == abba ]]; then
+    (($# == 2)) || { echo "ORDER=abba compares exactly two variants" >&2; exit 2; }
+    A=$1 B=$2
+fi
+declare -A runs rps_sum user_sum sys_sum machine_sum round_rps
+ratios=()
 for ((round = 1; round <= ROUNDS; round++)); do
-    for spec in "$@"; do
+    specs=("$@")
+    if [[ $ORDER == abba ]]; then
+        specs=("$A" "$B" "$B" "$A")
+        ((round % 2 == 1)) || specs=("$B" "$A" "$A" "$B")
+    fi
+    round_rps=()
+    for spec in "${specs[@]}"; do
         IFS=: read -r name port pids <<<"$spec"
         IFS=, read -r -a pid_list <<<"$pids"
         read -r u0 s0 <<<"$(ticks "${pid_list[@]}")"
@@ -56,7 +70,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
         user_sum[$name]=$(awk -v a="${user_sum[$name]:-0}" -v b="$user" 'BEGIN { print a + b }')
         sys_sum[$name]=$(awk -v a="${sys_sum[$name]:-0}" -v b="$sys" 'BEGIN { print a + b }')
         machine_sum[$name]=$(awk -v a="${machine_sum[$name]:-0}" -v b="$machine" 'BEGIN { print a + b }')
+        round_rps[$name]=$(awk -v a="${round_rps[$name]:-0}" -v b="$rps" 'BEGIN { print a + b }')
     done
+    if [[ $ORDER == abba ]]; then
+        ratios+=("$(awk -v b="${round_rps[${B%%:*}]}" -v a="${round_rps[${A%%:*}]}" 'BEGIN { printf "%.3f", b / a }')")
+        echo "round $round: ${B%%:*} / ${A%%:*} ${ratios[-1]}"
+    fi
 done
 for spec in "$@"; do
     name=${spec%%:*}
@@ -64,3 +83,8 @@ for spec in "$@"; do
         -v m="${machine_sum[$name]}" -v name="$name" \
         'BEGIN { printf "mean %s: %.0f req/s, user %.2f us, system %.2f us per request; machine %.2f us\n", name, r / n, u / n, s / n, m / n }'
 done
+if [[ $ORDER == abba ]]; then
+    printf '%s\n' "${ratios[@]}" | sort -n | awk -v b="${B%%:*}" -v a="${A%%:*}" '{ v[NR] = $1 }
+        END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+              printf "median of the rounds: %s / %s %.3f (%d rounds)\n", b, a, m, NR }'
+fi
