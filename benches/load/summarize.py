@@ -2,8 +2,9 @@
 """Turns the raw results of benches/load.sh into the Markdown tables it prints.
 
 Input: a TSV file with lines `scenario target round metric value`.
-Every cell is the median over the rounds; ratios are of medians, except the
-token-swap scenario's, which are paired within each round (see there).
+Every cell is the median over the rounds and the main table's ratios are of
+medians; the round-by-round table and the token-swap scenario pair the runs
+within each round instead (see `paired`).
 """
 import statistics
 import sys
