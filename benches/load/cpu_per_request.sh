@@ -14,7 +14,7 @@
 # round runs A B B A, the next B A A B, so a steady drift weighs on both alike;
 # then also each round's req/s ratio B / A and their median.
 set -euo pipefail
-(($# >= 4)) || { sed -n '2,16p' "$0" >&2; exit 2; }
+(($# >= 4)) || { sed -n '2,15p' "$0" >&2; exit 2; }
 ROUNDS=$1 SECS=$2 CONNS=$3
 shift 3
 BENCH_PATH=${BENCH_PATH:-/bench/api/v1/items}
