@@ -474,6 +474,8 @@ for ((ROUND_IDX = 0; ROUND_IDX < ROUNDS; ROUND_IDX++)); do
         order="ims-still ims-swap ims-swap ims-still"
         ((ROUND_IDX % 2 == 0)) || order="ims-swap ims-still ims-still ims-swap"
         for t in $order; do
+            # Reloaded before every run, even one in the mode it is in: each run of
+            # either mode then starts the same way.
             swap_mode "$t"
             before=$(issued)
             run_wrk "swap h1 c=$c" "$t" "$round" "$c"
